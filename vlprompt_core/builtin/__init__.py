@@ -1,0 +1,1 @@
+"""Built-in plug-ins, registered through the same hooks as installed ones."""

@@ -1,0 +1,167 @@
+"""Built-in datasets: one per file in ``datasets_spec/``, plus ``folder`` and ``csv``
+for a user's own images (no code needed)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .. import hookimpl
+from ..api import ClassSet, DatasetPlugin, DatasetSplits, Options
+from ..data import default_data_root, load_class_folders, load_csv, load_imagenet_layout, load_split_file, prompt_name
+from ..errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TEMPLATES = ["a photo of a {}."]
+
+
+class DatasetSpecFile(BaseModel):
+    """The format of a ``datasets_spec/*.yaml`` file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    title: str = ""
+    layout: Literal["split_file", "imagenet", "class_folders"]
+    #: Folder under the data root.
+    folder: str
+    #: Image folder under ``folder`` that split-file paths are relative to.
+    image_dir: str = "images"
+    split_file: str | None = None
+    #: Task of the embedded world that generates this dataset when it is missing.
+    embedded: str | None = None
+    templates: list[str] = Field(default_factory=lambda: list(DEFAULT_TEMPLATES), min_length=1)
+    #: Canonical class names; index = label.
+    classnames: list[str] = Field(min_length=1)
+    source: str = ""
+
+
+def spec_dirs() -> list[Path]:
+    """Where dataset spec files are read from: the installed copy (or the source
+    checkout's ``datasets_spec/``), then each folder in ``$VLPROMPT_DATASETS_SPEC``."""
+    here = Path(__file__).resolve().parents[1]
+    dirs = [d for d in (here / "_datasets_spec", here.parent / "datasets_spec") if d.is_dir()][:1]
+    extra = os.environ.get("VLPROMPT_DATASETS_SPEC", "")
+    dirs += [Path(p).expanduser() for p in extra.split(os.pathsep) if p]
+    return dirs
+
+
+class SpecDatasetOptions(Options):
+    """Options of a dataset described by a spec file."""
+
+    spec: ClassVar[DatasetSpecFile]
+
+    root: Path | None = Field(
+        None,
+        validate_default=True,
+        description="data root holding the dataset folder (default: $VLPROMPT_DATA, "
+        "or ~/.cache/vlprompt/data for embedded datasets)",
+    )
+    templates: list[str] | None = Field(None, description="override the zero-shot template(s)")
+
+    @field_validator("root")
+    @classmethod
+    def _folder_exists(cls, root: Path | None) -> Path | None:
+        spec = cls.spec
+        if root is None:
+            if spec.embedded is None and "VLPROMPT_DATA" not in os.environ:
+                raise ValueError(f"required: the folder that holds {spec.folder}/ (or set $VLPROMPT_DATA)")
+            return None
+        root = root.expanduser()
+        folder = root / spec.folder
+        if spec.embedded is None and not folder.is_dir():
+            raise ValueError(f"dataset folder not found: {folder}")
+        return root
+
+
+def _make_spec_dataset(spec: DatasetSpecFile) -> DatasetPlugin:
+    options = type(f"{spec.name.title().replace('_', '')}Options", (SpecDatasetOptions,), {"spec": spec})
+
+    def load(opts: SpecDatasetOptions) -> DatasetSplits:
+        root = opts.root or default_data_root()
+        folder = root / spec.folder
+        if spec.embedded is not None and not folder.is_dir():
+            from ..embedded.tasks import write_task
+
+            log.info("generating embedded dataset %s in %s", spec.name, folder)
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            write_task(spec.embedded, folder)
+        classes = ClassSet([prompt_name(c) for c in spec.classnames], opts.templates or spec.templates)
+        if spec.layout == "split_file":
+            return load_split_file(spec.name, folder / spec.split_file, folder / spec.image_dir, classes)
+        if spec.layout == "imagenet":
+            return load_imagenet_layout(spec.name, folder, classes)
+        return load_class_folders(spec.name, folder / spec.image_dir, classes.templates)
+
+    return DatasetPlugin(spec.name, options, load, spec.title)
+
+
+def read_spec_files() -> tuple[list[DatasetPlugin], list[str]]:
+    """Every readable spec file as a dataset; problems with a file are returned, not raised."""
+    plugins, problems = [], []
+    for d in spec_dirs():
+        for path in sorted(d.glob("*.yaml")):
+            try:
+                spec = DatasetSpecFile.model_validate(yaml.safe_load(path.read_text()))
+            except (yaml.YAMLError, ValidationError) as exc:
+                problems.append(f"{path}: {exc}".splitlines()[0])
+                continue
+            if spec.split_file is None and spec.layout == "split_file":
+                problems.append(f"{path}: layout split_file needs split_file")
+                continue
+            plugins.append(_make_spec_dataset(spec))
+    return plugins, problems
+
+
+class FolderOptions(Options):
+    """``dataset: {name: folder, path: DIR}``: class subfolders, optionally under train/val/test."""
+
+    path: Path = Field(description="folder of class subfolders, or of train/, val/, test/ with class subfolders")
+    templates: list[str] = Field(default_factory=lambda: list(DEFAULT_TEMPLATES), min_length=1)
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, path: Path) -> Path:
+        if not path.expanduser().is_dir():
+            raise ValueError(f"dataset folder not found: {path}")
+        return path.expanduser()
+
+
+class CsvOptions(Options):
+    """``dataset: {name: csv, path: FILE}``: columns path, class, split."""
+
+    path: Path = Field(description="CSV with columns path, class, split (train/val/test)")
+    image_root: Path | None = Field(None, description="folder the paths are relative to (default: the CSV's)")
+    templates: list[str] = Field(default_factory=lambda: list(DEFAULT_TEMPLATES), min_length=1)
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, path: Path) -> Path:
+        if not path.expanduser().is_file():
+            raise ValueError(f"CSV file not found: {path}")
+        return path.expanduser()
+
+
+@hookimpl
+def vlprompt_datasets() -> list[DatasetPlugin]:
+    plugins, problems = read_spec_files()
+    for p in problems:
+        log.warning("skipping dataset spec %s", p)
+    plugins.append(
+        DatasetPlugin("folder", FolderOptions, lambda o: load_class_folders(o.path.name, o.path, o.templates),
+                      "a folder of class subfolders (your own images)")
+    )
+    plugins.append(
+        DatasetPlugin("csv", CsvOptions, lambda o: load_csv(o.path.stem, o.path, o.image_root, o.templates),
+                      "a CSV of path, class, split (your own images)")
+    )
+    return plugins
+
+
+__all__: list[Any] = ["DatasetSpecFile", "read_spec_files", "spec_dirs"]

@@ -1,0 +1,73 @@
+"""Results: ``results.json`` (written atomically after every (method, seed)) and tables."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    """Write JSON to a temp file beside ``path`` and rename it over: never half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def package_versions(extra: list[str] = ()) -> dict[str, str]:
+    out = {}
+    for dist in ["vlprompt", "vlprompt-kernels", "torch", "torchvision", "open_clip_torch", *extra]:
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+def mean_std(values: list[float]) -> dict[str, float]:
+    """Mean and population std (as the reference ``parse_test_res.py`` reports)."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / n)
+    return {"mean": mean, "std": std, "n": n}
+
+
+def aggregate(runs: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
+    """``{method label: {metric: {mean, std, n}}}`` over seeds, metrics in protocol order."""
+    by_method: dict[str, list[dict]] = {}
+    for r in runs:
+        by_method.setdefault(r["method"], []).append(r["summary"])
+    return {
+        label: {metric: mean_std([s[metric] for s in summaries]) for metric in summaries[0]}
+        for label, summaries in by_method.items()
+    }
+
+
+def results_table(summary: dict[str, dict[str, dict[str, float]]], title: str) -> Table:
+    metrics = list(next(iter(summary.values())).keys()) if summary else []
+    table = Table(title=title)
+    table.add_column("method", style="bold")
+    for m in metrics:
+        table.add_column(m, justify="right")
+    for label, row in summary.items():
+        cells = []
+        for m in metrics:
+            s = row[m]
+            cells.append(f"{s['mean']:.2f} ± {s['std']:.2f}" if s["n"] > 1 else f"{s['mean']:.2f}")
+        table.add_row(label, *cells)
+    n = max((row[m]["n"] for row in summary.values() for m in row), default=0)
+    table.caption = f"accuracy (%), mean ± std over {n} seed(s)" if n > 1 else "accuracy (%)"
+    return table

@@ -1,0 +1,178 @@
+"""The run spec: one YAML file, validated by pydantic.
+
+The spec model is built from the registry: each section (backbone, method,
+dataset, protocol) is a union of the registered plug-ins' own options models,
+told apart by ``name``. So ``vlprompt schema`` covers every installed plug-in and
+a typo in ``method.n_ctx`` is reported with its path.
+"""
+
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from .api import DatasetRef
+from .errors import UserError
+from .plugins import Registry
+
+
+class TrainSpec(BaseModel):
+    """How prompts are trained (defaults: the CoOp reference recipe)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(10, ge=0, description="training epochs (0: evaluate only)")
+    batch_size: int = Field(32, ge=1)
+    eval_batch_size: int = Field(256, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.002, gt=0)
+    momentum: float = Field(0.9, ge=0, description="SGD momentum")
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: int = Field(1, ge=0, description="epochs at warmup_lr before the schedule starts")
+    warmup_lr: float = Field(1e-5, gt=0)
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="autocast dtype; trainable parameters stay fp32. auto: bf16 on CUDA, fp32 on CPU"
+    )
+    seeds: list[int] = Field(default_factory=lambda: [1, 2, 3], min_length=1)
+    device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ...")
+    num_workers: int = Field(0, ge=0, description="data-loading worker processes")
+
+
+#: Per-method overrides of the train section (every field optional).
+TrainOverride = create_model(
+    "TrainOverride",
+    __config__=ConfigDict(extra="forbid"),
+    **{
+        name: (Optional[field.annotation], Field(None, description=field.description))
+        for name, field in TrainSpec.model_fields.items()
+        if name not in ("seeds", "device", "num_workers")
+    },
+)
+
+
+def _section_models(reg: Registry, kind: str, extra_fields: dict[str, Any] | None = None) -> list[type[BaseModel]]:
+    models = []
+    for name in reg.names(kind):
+        plugin = reg.get(kind, name)
+        fields: dict[str, Any] = {"name": (Literal[name], Field(description=plugin.description))}
+        fields.update(extra_fields or {})
+        fields.update(_dataset_ref_fields(reg, plugin.options) if kind == "protocol" else {})
+        model = create_model(f"{kind.title()}_{name}", __base__=plugin.options, **fields)
+        models.append(model)
+    return models
+
+
+def _union(models: list[type[BaseModel]], kind: str):
+    if not models:
+        raise UserError(f"no {kind} is registered: is vlprompt installed correctly?")
+    if len(models) == 1:
+        return models[0]
+    return Annotated[Union[tuple(models)], Field(discriminator="name")]
+
+
+def _dataset_ref_fields(reg: Registry, options: type[BaseModel]) -> dict[str, Any]:
+    """Protocol options typed ``list[DatasetRef]`` take dataset sections."""
+    out = {}
+    for fname, field in options.model_fields.items():
+        if typing.get_args(field.annotation) == (DatasetRef,):
+            dataset = _union(_section_models(reg, "dataset"), "dataset")
+            out[fname] = (list[dataset], Field(min_length=1, description=field.description))
+    return out
+
+
+def build_spec_model(reg: Registry) -> type[BaseModel]:
+    """The pydantic model of a run spec for what ``reg`` holds."""
+    backbone = _union(_section_models(reg, "backbone"), "backbone")
+    method = _union(
+        _section_models(reg, "method", {
+            "label": (Optional[str], Field(None, description="name in the results (default: the method name)")),
+            "train": (Optional[TrainOverride], Field(None, description="overrides of the train section for this method")),
+        }),
+        "method",
+    )
+    dataset = _union(_section_models(reg, "dataset"), "dataset")
+    protocol = _union(_section_models(reg, "protocol"), "protocol")
+    backbone_field = (
+        Field(default_factory=lambda: {"name": "open_clip"}, validate_default=True,
+              description="the frozen model (default: the embedded tiny CLIP)")
+        if "open_clip" in reg.names("backbone")
+        else Field(description="the frozen model")
+    )
+    return create_model(
+        "RunSpec",
+        __config__=ConfigDict(extra="forbid"),
+        backbone=(backbone, backbone_field),
+        method=(Union[method, list[method]], Field(description="one method, or a list run side by side")),
+        dataset=(dataset, ...),
+        protocol=(protocol, ...),
+        train=(TrainSpec, Field(default_factory=TrainSpec)),
+        output=(Optional[Path], Field(None, description="results folder (default: runs/<spec file name>)")),
+    )
+
+
+def _loc(error: dict, raw: Any) -> str:
+    """``method.n_ctx`` from a pydantic loc, dropping the union tags it inserts."""
+    parts, node = [], raw
+    for part in error["loc"]:
+        if isinstance(node, dict) and isinstance(part, str) and part not in node and node.get("name") == part:
+            continue  # a discriminated-union tag, not a key
+        parts.append(f"[{part}]" if isinstance(part, int) else f".{part}" if parts else str(part))
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            node = None
+    if error["type"] == "union_tag_invalid":
+        parts.append(".name")
+    return "".join(parts) or "(top level)"
+
+
+def _message(error: dict) -> str:
+    if error["type"] == "extra_forbidden":
+        return "unknown key"
+    if error["type"] == "union_tag_invalid":
+        ctx = error.get("ctx", {})
+        return f"unknown name {ctx.get('tag')!r} (registered: {ctx.get('expected_tags')})"
+    return error["msg"]
+
+
+def validate_spec(data: Any, reg: Registry, source: str = "spec"):
+    """Validate plain data; a :class:`UserError` lists one line per problem."""
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: the spec must be a mapping of sections (backbone, method, dataset, ...)")
+    model = build_spec_model(reg)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(*[f"{source}: {_loc(e, data)}: {_message(e)}" for e in exc.errors()]) from None
+
+
+def load_spec(path: Path, reg: Registry):
+    """Read and validate a YAML run spec; ``output`` defaults to ``runs/<file stem>``."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: spec file not found") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        raise UserError(f"{path}: {where}invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    spec = validate_spec(data, reg, str(path))
+    if spec.output is None:
+        spec.output = Path("runs") / Path(path).stem
+    return spec
+
+
+def methods_of(spec) -> list:
+    return spec.method if isinstance(spec.method, list) else [spec.method]
+
+
+def train_for(spec, method) -> TrainSpec:
+    """The train section with this method's overrides applied."""
+    if method.train is None:
+        return spec.train
+    return spec.train.model_copy(update=method.train.model_dump(exclude_none=True))
