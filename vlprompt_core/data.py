@@ -54,6 +54,11 @@ def load_split_file(
                 raise UserError(f"{split_file}: {split}[{i}] is not [path, label, classname]")
             if not 0 <= row[1] < len(classes):
                 raise UserError(f"{split_file}: {split}[{i}] label {row[1]} outside 0..{len(classes) - 1}")
+            expected = classes.names[row[1]]
+            if prompt_name(row[2]).lower() != prompt_name(expected).lower():
+                raise UserError(
+                    f"{split_file}: {split}[{i}] calls label {row[1]} {row[2]!r}, the dataset spec {expected!r}"
+                )
             items.append(Item(image_dir / row[0], row[1]))
         splits[split] = items
     return DatasetSplits(name, classes, splits["train"], splits["val"], splits["test"])

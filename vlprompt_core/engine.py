@@ -29,7 +29,7 @@ from .data import ImageDataset, test_transform, train_transform
 from .errors import UserError
 from .plugins import Registry
 from .results import aggregate, atomic_write_json, package_versions
-from .spec import TrainSpec, methods_of, train_for
+from .spec import TrainSpec, train_for
 
 
 def set_seed(seed: int) -> None:
@@ -129,7 +129,7 @@ class Engine:
 
     def method_labels(self) -> list[str]:
         labels, seen = [], {}
-        for m in methods_of(self.spec):
+        for m in self.spec.method:
             base = m.label or m.name
             seen[base] = seen.get(base, 0) + 1
             labels.append(base if seen[base] == 1 else f"{base}#{seen[base]}")
@@ -179,7 +179,7 @@ class Engine:
         for seed in spec.train.seeds:
             plan = protocol.plan(spec.protocol, ProtocolContext(dataset, seed, self.load_dataset))
             atomic_write_json(self.output / "fewshot" / f"seed{seed}.json", plan.record)
-            for label, section in zip(labels, methods_of(spec)):
+            for label, section in zip(labels, spec.method):
                 if (label, seed) in done:
                     self.log(f"{label} seed {seed}: already in {self.results_path}, skipped")
                     continue

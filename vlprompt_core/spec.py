@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
 
 from .api import DatasetRef
 from .errors import UserError
@@ -107,7 +107,10 @@ def build_spec_model(reg: Registry) -> type[BaseModel]:
         "RunSpec",
         __config__=ConfigDict(extra="forbid"),
         backbone=(backbone, backbone_field),
-        method=(Union[method, list[method]], Field(description="one method, or a list run side by side")),
+        method=(
+            Annotated[list[method], BeforeValidator(lambda v: [v] if isinstance(v, dict) else v)],
+            Field(min_length=1, description="one method, or a list of methods run side by side"),
+        ),
         dataset=(dataset, ...),
         protocol=(protocol, ...),
         train=(TrainSpec, Field(default_factory=TrainSpec)),
@@ -121,6 +124,8 @@ def _loc(error: dict, raw: Any) -> str:
     for part in error["loc"]:
         if isinstance(node, dict) and isinstance(part, str) and part not in node and node.get("name") == part:
             continue  # a discriminated-union tag, not a key
+        if isinstance(node, dict) and isinstance(part, int):
+            continue  # a single section the spec allows in place of a list
         parts.append(f"[{part}]" if isinstance(part, int) else f".{part}" if parts else str(part))
         try:
             node = node[part]
@@ -165,10 +170,6 @@ def load_spec(path: Path, reg: Registry):
     if spec.output is None:
         spec.output = Path("runs") / Path(path).stem
     return spec
-
-
-def methods_of(spec) -> list:
-    return spec.method if isinstance(spec.method, list) else [spec.method]
 
 
 def train_for(spec, method) -> TrainSpec:

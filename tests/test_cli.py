@@ -1,0 +1,134 @@
+"""The CLI end to end: every protocol through ``vlprompt run`` on a generated
+split-file dataset with a tiny open_clip model, and what users see on mistakes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+
+def vlprompt(*args: str, env_extra: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", **(env_extra or {}))
+    return subprocess.run(
+        [sys.executable, "-m", "vlprompt_core.cli", *args],
+        capture_output=True, text=True, env=env, cwd=cwd, timeout=300,
+    )
+
+
+def write_spec(path: Path, world, protocol: dict, method=None, **extra) -> Path:
+    spec = {
+        "backbone": {"name": "open_clip", "model": str(world["config"]), "pretrained": None},
+        "method": method or [{"name": "zeroshot"}, {"name": "coop", "n_ctx": 2}],
+        "dataset": {"name": "toy", "root": str(world["data"])},
+        "protocol": protocol,
+        "train": {"epochs": 2, "batch_size": 4, "seeds": [1, 2]},
+        "output": str(path.parent / "out"),
+        **extra,
+    }
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+TARGETS = lambda world: [{"name": "toy_shift", "root": str(world["data"])}]  # noqa: E731
+
+PROTOCOLS = {
+    "few_shot": (lambda w: {"name": "few_shot", "shots": 2}, ["accuracy"]),
+    "base2novel": (lambda w: {"name": "base2novel", "shots": 2}, ["base", "novel", "H"]),
+    "cross_dataset": (lambda w: {"name": "cross_dataset", "shots": 2, "targets": TARGETS(w)},
+                      ["toy (source)", "toy_shift", "average"]),
+    "domain_generalisation": (lambda w: {"name": "domain_generalisation", "shots": 2, "targets": TARGETS(w)},
+                              ["toy (source)", "toy_shift", "average"]),
+}
+
+
+@pytest.mark.parametrize("protocol", list(PROTOCOLS))
+def test_each_protocol_runs_end_to_end(protocol, world, tmp_path):
+    make, metrics = PROTOCOLS[protocol]
+    spec = write_spec(tmp_path / "spec.yaml", world, make(world))
+    proc = vlprompt("run", str(spec), env_extra={"VLPROMPT_DATASETS_SPEC": str(world["specs"])})
+    assert proc.returncode == 0, proc.stderr
+    assert "coop" in proc.stdout and "zeroshot" in proc.stdout
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["status"] == "complete"
+    assert results["spec"]["protocol"]["name"] == protocol
+    assert {(r["method"], r["seed"]) for r in results["runs"]} == {
+        (m, s) for m in ("zeroshot", "coop") for s in (1, 2)
+    }
+    for label in ("zeroshot", "coop"):
+        summary = results["summary"][label]
+        assert list(summary) == metrics
+        for m in metrics:
+            assert 0.0 <= summary[m]["mean"] <= 100.0 and summary[m]["n"] == 2
+    coop_runs = [r for r in results["runs"] if r["method"] == "coop"]
+    assert all(r["trainable_parameters"] == 2 * 32 for r in coop_runs)
+    assert all(Path(r["checkpoint"]).is_file() for r in coop_runs)
+    fewshot = json.loads((tmp_path / "out" / "fewshot" / "seed1.json").read_text())
+    assert len(fewshot["train"]) == 6 * 2  # 2 shots x 6 classes, saved with the run
+    if protocol == "base2novel":
+        for r in results["runs"]:
+            b, n = r["accuracy"]["base"], r["accuracy"]["novel"]
+            assert r["summary"]["H"] == pytest.approx(0 if b + n == 0 else 2 * b * n / (b + n))
+
+
+def test_bad_spec_gives_one_line_per_problem_and_exit_2(world, tmp_path):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(yaml.safe_dump({
+        "method": {"name": "coop", "n_ctxx": 4},
+        "dataset": {"name": "toy", "root": str(tmp_path / "nowhere")},
+        "protocol": {"name": "few_shot", "shots": "many"},
+        "train": {"epochs": -1},
+        "surprise": 1,
+    }))
+    proc = vlprompt("validate", str(spec), env_extra={"VLPROMPT_DATASETS_SPEC": str(world["specs"])})
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert all(line.startswith("error: ") for line in lines), lines
+    text = "\n".join(lines)
+    for field in ("method.n_ctxx", "dataset.root", "protocol.shots", "train.epochs", "surprise"):
+        assert f"{spec}: {field}:" in text, (field, text)
+    assert len(lines) == 5
+
+
+def test_unknown_method_name_lists_registered(world, tmp_path):
+    spec = write_spec(tmp_path / "spec.yaml", world, {"name": "few_shot"}, method={"name": "cooop"})
+    proc = vlprompt("run", str(spec), env_extra={"VLPROMPT_DATASETS_SPEC": str(world["specs"])})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "method.name" in proc.stderr and "'cooop'" in proc.stderr and "coop" in proc.stderr
+
+
+def test_missing_spec_file_and_invalid_yaml(tmp_path):
+    proc = vlprompt("validate", str(tmp_path / "absent.yaml"))
+    assert proc.returncode == 2 and "spec file not found" in proc.stderr and "Traceback" not in proc.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: [unclosed\n")
+    proc = vlprompt("validate", str(bad))
+    assert proc.returncode == 2 and "invalid YAML" in proc.stderr and "line" in proc.stderr
+
+
+def test_list_shows_builtins_and_coop_with_distributions(world):
+    proc = vlprompt("list", "--json", env_extra={"VLPROMPT_DATASETS_SPEC": str(world["specs"])})
+    assert proc.returncode == 0, proc.stderr
+    rows = {(r["kind"], r["name"]): r for r in json.loads(proc.stdout)["registered"]}
+    assert rows[("backbone", "open_clip")]["distribution"] == "vlprompt"
+    assert rows[("method", "zeroshot")]["distribution"] == "vlprompt"
+    assert rows[("method", "coop")]["distribution"] == "vlprompt-plugin-coop"
+    for protocol in ("few_shot", "base2novel", "cross_dataset", "domain_generalisation"):
+        assert ("protocol", protocol) in rows
+    for dataset in ("imagenet", "oxford_pets", "eurosat", "dtd", "toy"):
+        assert ("dataset", dataset) in rows
+
+
+def test_schema_includes_plugin_options():
+    proc = vlprompt("schema")
+    assert proc.returncode == 0, proc.stderr
+    schema = json.loads(proc.stdout)
+    text = json.dumps(schema)
+    assert "n_ctx" in text and "class_token_position" in text and "base2novel" in text
+    assert set(schema["required"]) == {"method", "dataset", "protocol"}
