@@ -45,6 +45,22 @@ class Bias(PromptMethod):
 @hookimpl
 def vlprompt_methods():
     return [MethodPlugin("bias", BiasOptions, Bias, "third-party test method")]
+
+
+@hookimpl
+def vlprompt_epoch_end(method, seed, epoch, metrics):
+    _log({"event": "epoch_end", "method": method, "seed": seed, "epoch": epoch, "loss": metrics["loss"]})
+
+
+@hookimpl
+def vlprompt_evaluation_done(method, seed, results):
+    _log({"event": "evaluation_done", "method": method, "seed": seed, "accuracy": results["accuracy"]})
+
+
+def _log(event):
+    import json, os
+    with open(os.environ["BIAS_EVENTS"], "a") as f:
+        f.write(json.dumps(event) + "\\n")
 '''
 
 
@@ -76,10 +92,17 @@ def test_third_party_method_is_listed_and_runs(world, tmp_path):
 
     spec = write_spec(tmp_path / "spec.yaml", world, {"name": "few_shot", "shots": 2},
                       method=[{"name": "bias", "scale": 2.0}])
-    proc = vlprompt("run", str(spec), env_extra=env)
+    events = tmp_path / "events.jsonl"
+    proc = vlprompt("run", str(spec), env_extra={**env, "BIAS_EVENTS": str(events)})
     assert proc.returncode == 0, proc.stderr
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert {r["method"] for r in results["runs"]} == {"bias"}
+    # its lifecycle hooks saw every epoch and every evaluation
+    seen = [json.loads(line) for line in events.read_text().splitlines()]
+    assert [(e["seed"], e["epoch"]) for e in seen if e["event"] == "epoch_end"] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    done = [e for e in seen if e["event"] == "evaluation_done"]
+    assert [e["seed"] for e in done] == [1, 2]
+    assert [e["accuracy"] for e in done] == [r["accuracy"] for r in results["runs"]]
     assert all(r["trainable_parameters"] == 6 for r in results["runs"])
     assert results["versions"]["vlprompt-plugin-bias"] == "0.3.1"
     # its own options model validates its own keys

@@ -62,8 +62,7 @@ def run(spec: Path = typer.Argument(..., help="run spec (YAML)"),
             record = engine.run()
     except UserError as exc:
         _fail(exc)
-    title = f"{run_spec.protocol.name} on {run_spec.dataset.name} ({run_spec.backbone.name})"
-    out.print(results_table(record["summary"], title))
+    out.print(results_table(record["summary"], engine.title()))
     out.print(f"results: {engine.results_path}  ({record['time_s']['total']:.1f} s)", highlight=False)
 
 

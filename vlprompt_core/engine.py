@@ -28,7 +28,7 @@ from .api import EvalSet, Item, PromptMethod, ProtocolContext
 from .data import ImageDataset, test_transform, train_transform
 from .errors import UserError
 from .plugins import Registry
-from .results import aggregate, atomic_write_json, package_versions
+from .results import aggregate, atomic_write_json, markdown_table, package_versions
 from .spec import TrainSpec, train_for
 
 
@@ -192,7 +192,12 @@ class Engine:
         timings["total"] = time.perf_counter() - t0
         record.update(status="complete", summary=aggregate(runs), time_s=timings)
         atomic_write_json(self.results_path, record)
+        (self.output / "results.md").write_text(markdown_table(record["summary"], self.title()))
         return record
+
+    def title(self) -> str:
+        s = self.spec
+        return f"{s.protocol.name} on {s.dataset.name} ({s.backbone.name})"
 
     def _plugin_distributions(self) -> list[str]:
         return sorted({s.distribution for s in self.registry.sources.values() if s.distribution not in ("vlprompt", "?")})

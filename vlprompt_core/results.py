@@ -56,6 +56,19 @@ def aggregate(runs: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
     }
 
 
+def markdown_table(summary: dict[str, dict[str, dict[str, float]]], title: str) -> str:
+    """The same table as :func:`results_table`, as Markdown (``results.md``)."""
+    metrics = list(next(iter(summary.values())).keys()) if summary else []
+    lines = [f"# {title}", "", "| method | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for label, row in summary.items():
+        lines.append(f"| {label} | " + " | ".join(_cell(row[m]) for m in metrics) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(s: dict[str, float]) -> str:
+    return f"{s['mean']:.2f} ± {s['std']:.2f}" if s["n"] > 1 else f"{s['mean']:.2f}"
+
+
 def results_table(summary: dict[str, dict[str, dict[str, float]]], title: str) -> Table:
     metrics = list(next(iter(summary.values())).keys()) if summary else []
     table = Table(title=title)
@@ -63,11 +76,7 @@ def results_table(summary: dict[str, dict[str, dict[str, float]]], title: str) -
     for m in metrics:
         table.add_column(m, justify="right")
     for label, row in summary.items():
-        cells = []
-        for m in metrics:
-            s = row[m]
-            cells.append(f"{s['mean']:.2f} ± {s['std']:.2f}" if s["n"] > 1 else f"{s['mean']:.2f}")
-        table.add_row(label, *cells)
+        table.add_row(label, *(_cell(row[m]) for m in metrics))
     n = max((row[m]["n"] for row in summary.values() for m in row), default=0)
     table.caption = f"accuracy (%), mean ± std over {n} seed(s)" if n > 1 else "accuracy (%)"
     return table

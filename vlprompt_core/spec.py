@@ -85,6 +85,18 @@ def _dataset_ref_fields(reg: Registry, options: type[BaseModel]) -> dict[str, An
     return out
 
 
+def _method_list(reg: Registry):
+    """``method:`` may be one section, a list, or ``all`` (zero-shot first)."""
+    names = sorted(reg.names("method"), key=lambda n: (n != "zeroshot", n))
+
+    def expand(value):
+        if value == "all":
+            return [{"name": n} for n in names]
+        return [value] if isinstance(value, dict) else value
+
+    return expand
+
+
 def build_spec_model(reg: Registry) -> type[BaseModel]:
     """The pydantic model of a run spec for what ``reg`` holds."""
     backbone = _union(_section_models(reg, "backbone"), "backbone")
@@ -108,8 +120,9 @@ def build_spec_model(reg: Registry) -> type[BaseModel]:
         __config__=ConfigDict(extra="forbid"),
         backbone=(backbone, backbone_field),
         method=(
-            Annotated[list[method], BeforeValidator(lambda v: [v] if isinstance(v, dict) else v)],
-            Field(min_length=1, description="one method, or a list of methods run side by side"),
+            Annotated[list[method], BeforeValidator(_method_list(reg))],
+            Field(min_length=1, description="one method, a list run side by side, or 'all' (every "
+                  "installed method with its default options)"),
         ),
         dataset=(dataset, ...),
         protocol=(protocol, ...),

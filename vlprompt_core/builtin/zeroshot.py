@@ -6,7 +6,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from vlprompt_kernels import cosine_logits
 
@@ -31,6 +31,15 @@ class ZeroShotOptions(Options):
         description="'dataset': the dataset's first template; 'ensemble': the dataset's templates plus "
         "the 7 reference ensemble templates, features averaged; or a list of templates with '{}'",
     )
+
+    @field_validator("templates")
+    @classmethod
+    def _has_slot(cls, value):
+        if isinstance(value, list):
+            bad = [t for t in value if "{}" not in t]
+            if bad or not value:
+                raise ValueError(f"each template needs a '{{}}' for the class name: {bad or 'empty list'}")
+        return value
 
 
 @torch.no_grad()
