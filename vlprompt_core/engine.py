@@ -277,7 +277,7 @@ class Engine:
     @torch.no_grad()
     def image_features(self, backbone, eval_set: EvalSet, train: TrainSpec) -> tuple[torch.Tensor, torch.Tensor]:
         """Frozen image features of an eval split, computed once per run."""
-        key = hashlib.sha1("\n".join(str(it.path) for it in eval_set.items).encode()).hexdigest()
+        key = hashlib.sha1("\n".join(f"{it.path}\t{it.label}" for it in eval_set.items).encode()).hexdigest()
         if key not in self._features:
             tf = test_transform(backbone.image_size, backbone.image_mean, backbone.image_std)
             loader = _loader(eval_set.items, tf, train.eval_batch_size, train, shuffle=False)

@@ -109,9 +109,15 @@ def _create_open_clip_model(opts: OpenClipOptions) -> tuple[nn.Module, str]:
             model_name, pretrained=pretrained, force_quick_gelu=bool(quick_gelu), device="cpu"
         )
         return model, model_name
-    except RuntimeError as exc:
-        if "download" in str(exc).lower() or "offline" in str(exc).lower():
-            raise UserError(f"backbone.pretrained: could not fetch weights {pretrained!r}: {exc}") from None
+    except (RuntimeError, AssertionError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if path is not None and path.is_file():
+            raise UserError(
+                f"backbone.pretrained: {path} does not fit model {model_name!r} ({first}); "
+                "for an original OpenAI CLIP file set format: openai"
+            ) from None
+        if isinstance(exc, RuntimeError) and ("download" in first.lower() or "offline" in first.lower()):
+            raise UserError(f"backbone.pretrained: could not fetch weights {pretrained!r}: {first}") from None
         raise
 
 

@@ -8,10 +8,17 @@ base half (first ``ceil(n/2)`` labels) and the novel half both mix every
 colour and every shape, and base-to-novel generalisation must transfer to new
 *combinations* rather than to new colours.
 
-* ``objects``         -- nuisances (size, position) vary freely; textures are
-                         plain or striped; backgrounds dark, light or noisy.
+* ``objects``         -- photographed under warm light; nuisances (size,
+                         position) vary freely; textures are plain or
+                         striped; backgrounds dark, light or noisy.
 * ``objects_shifted`` -- same classes under a domain shift: dotted or
-                         checkered objects on grass, sky or sand.
+                         checkered objects on grass, sky or sand, under cool
+                         light.
+
+The fixed lighting of a task is what leaves room for prompt learning: the
+pre-training captions nearly always mention unusual lighting, so the default
+prompt "a photo of a {}." describes neutral light and confuses colours that
+the cast makes look alike (see :mod:`.world`).
 
 :func:`write_task` stores a task in the split-file layout of the real
 benchmarks (``images/`` plus ``split.json``).
@@ -43,6 +50,7 @@ class Task:
     description: str
     textures: tuple[str, ...]
     backgrounds: tuple[str, ...]
+    lighting: str
     per_class: dict[str, int]  # split -> images per class
 
 
@@ -51,12 +59,14 @@ TASKS: dict[str, Task] = {
         description="colour x shape, source domain",
         textures=("plain", "striped"),
         backgrounds=("dark", "light", "noisy"),
+        lighting="warm",
         per_class={"train": 32, "val": 8, "test": 25},
     ),
     "objects_shifted": Task(
         description="colour x shape under a texture/background shift",
         textures=("dotted", "checkered"),
         backgrounds=("grass", "sky", "sand"),
+        lighting="cool",
         per_class={"train": 4, "val": 2, "test": 25},
     ),
 }
@@ -95,7 +105,8 @@ def generate(task: str, split: str, seed: int = 0) -> tuple[np.ndarray, np.ndarr
     images, labels = [], []
     for label, (colour, shape) in enumerate(_class_pairs()):
         batch, _, _ = world.sample(n, rng, colour=colour, shape=shape,
-                                   texture=spec.textures, background=spec.backgrounds)
+                                   texture=spec.textures, background=spec.backgrounds,
+                                   lighting=spec.lighting)
         images.append(batch)
         labels += [label] * n
     return np.concatenate(images), np.array(labels, dtype=np.int64)

@@ -10,6 +10,8 @@ attributes, each drawn uniformly at random unless constrained:
                     object that darkens its colour, so the hue stays readable)
 * ``background`` -- dark, light, noisy, grass, sky, sand
 * ``position``   -- left, right, top, bottom, centre
+* ``lighting``   -- neutral, warm, cool, dim: a global colour cast.  Unlike
+                    the others it is skewed: 70% of scenes are neutral.
 
 Shapes are drawn from signed-distance functions with a one-pixel soft edge,
 so rendering is a handful of numpy operations on a 32x32 grid.
@@ -20,14 +22,22 @@ the left"``, ``"there is a heart at the top on a dark background"``, ...), so a
 model has to read the text to align it with the picture.  Colour and shape
 are the attributes the downstream tasks ask about; the others are nuisances.
 
+Captions have a *reporting bias*, as real ones do: unusual lighting is
+almost always mentioned ("... under warm light"), neutral lighting rarely.
+So a bare prompt such as "a photo of a yellow star." implies neutral light,
+and under a warm cast (where yellow looks orange) it matches the wrong
+class.  A downstream task photographed under one lighting is therefore what
+prompt engineering -- or prompt learning -- can fix: the model knows the
+lighting, the default prompt does not say it.
+
 All randomness comes from an explicit :class:`numpy.random.Generator`, so the
 world is fully deterministic in its seed.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -48,6 +58,8 @@ SIZES = ("small", "large")
 TEXTURES = ("plain", "striped", "dotted", "checkered")
 BACKGROUNDS = ("dark", "light", "noisy", "grass", "sky", "sand")
 POSITIONS = ("left", "right", "top", "bottom", "centre")
+LIGHTINGS = ("neutral", "warm", "cool", "dim")
+LIGHTING_PROBS = (0.7, 0.1, 0.1, 0.1)
 
 #: Attribute name -> its possible values, in canonical order.
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
@@ -57,6 +69,7 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "texture": TEXTURES,
     "background": BACKGROUNDS,
     "position": POSITIONS,
+    "lighting": LIGHTINGS,
 }
 
 # Object radius in pixels and centre offset (x, y; y grows downwards) as a
@@ -76,6 +89,7 @@ class Scene:
     texture: str
     background: str
     position: str
+    lighting: str
 
 
 # --------------------------------------------------------------------------
@@ -119,6 +133,10 @@ _SDF: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "ring": lambda x, y: np.abs(np.hypot(x, y) - 0.75) - 0.25,
     "cross": lambda x, y: np.minimum(_box(x, y, 0.95, 0.32), _box(x, y, 0.32, 0.95)),
 }
+
+# Per-channel gain of each lighting.
+_LIGHT_GAIN = {"neutral": (1.0, 1.0, 1.0), "warm": (1.05, 0.8, 0.45),
+               "cool": (0.5, 0.8, 1.05), "dim": (0.45, 0.45, 0.45)}
 
 _ROW, _COL = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32) + 0.5
 
@@ -183,11 +201,12 @@ def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     shade = 1 - 0.5 * _texture(scene.texture, rng)[..., None]
     obj = colour.astype(np.float32) * shade
     image = alpha * obj + (1 - alpha) * _background(scene.background, rng)
+    image = np.clip(image * np.array(_LIGHT_GAIN[scene.lighting], np.float32), 0, 1)
     return (image * 255 + 0.5).astype(np.uint8)
 
 
 def sample_scene(rng: np.random.Generator, **fixed: str | Sequence[str]) -> Scene:
-    """Draw every attribute independently and uniformly.
+    """Draw every attribute independently (uniformly, except lighting).
 
     A keyword fixes an attribute (``colour="red"``) or restricts it to a
     subset of values (``texture=("plain", "striped")``).
@@ -197,6 +216,9 @@ def sample_scene(rng: np.random.Generator, **fixed: str | Sequence[str]) -> Scen
         raise ValueError(f"unknown attributes {sorted(unknown)}")
     values = {}
     for name, choices in ATTRIBUTES.items():
+        if name == "lighting" and name not in fixed:
+            values[name] = LIGHTINGS[rng.choice(len(LIGHTINGS), p=LIGHTING_PROBS)]
+            continue
         allowed = fixed.get(name, choices)
         allowed = (allowed,) if isinstance(allowed, str) else tuple(allowed)
         values[name] = allowed[rng.integers(len(allowed))]
@@ -222,6 +244,14 @@ _BACKGROUND_PHRASES = {
     "sky": ("against the sky", "on a sky background"),
     "sand": ("on sand", "on a sandy background"),
 }
+_LIGHTING_PHRASES = {
+    "neutral": ("in daylight", "in normal light"),
+    "warm": ("under warm light", "in warm golden light"),
+    "cool": ("under cool light", "in cold light"),
+    "dim": ("in dim light", "in the dark"),
+}
+#: Probability that a caption mentions the lighting (reporting bias).
+_LIGHTING_MENTION = {"neutral": 0.1, "warm": 0.9, "cool": 0.9, "dim": 0.9}
 _PREFIXES = ("a photo of {}", "{}", "an image of {}", "a picture of {}", "there is {}",
              "a drawing of {}", "a rendering of {}", "this is {}", "a close-up of {}")
 _GENERIC_NOUNS = ("object", "shape", "thing")
@@ -255,6 +285,10 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     if len(extras) == 2 and rng.random() < 0.5:
         extras.reverse()
     text = " ".join([text, *extras])
+    if rng.random() < _LIGHTING_MENTION[scene.lighting]:
+        options = _LIGHTING_PHRASES[scene.lighting]
+        light = options[rng.integers(len(options))]
+        text = f"{light}, {text}" if rng.random() < 0.5 else f"{text} {light}"
     return text + "." if rng.random() < 0.7 else text
 
 
@@ -274,7 +308,3 @@ def sample(n: int, seed: int | np.random.Generator, **fixed) -> tuple[np.ndarray
         scenes.append(scene)
     return images, captions, scenes
 
-
-def scene_dicts(scenes: Iterable[Scene]) -> list[Mapping[str, str]]:
-    """Scenes as plain dicts (e.g. for JSON)."""
-    return [asdict(s) for s in scenes]

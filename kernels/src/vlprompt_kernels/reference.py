@@ -34,9 +34,14 @@ def assemble_prompts(
     n_cls, length, dim = base.shape
     if slots.shape != (n_cls, length):
         raise ValueError(f"slots must be [C, L] = {[n_cls, length]}, got {list(slots.shape)}")
-    if ctx.shape[-1] != dim:
-        raise ValueError(f"ctx width {ctx.shape[-1]} != token width {dim}")
-    lead = torch.broadcast_shapes(ctx.shape[:-2], (n_cls,))
+    if ctx.dim() < 2 or ctx.shape[-1] != dim:
+        raise ValueError(f"ctx must be [*S, M, {dim}], got {list(ctx.shape)}")
+    if slots.numel() and int(slots.max()) >= ctx.shape[-2]:
+        raise ValueError(f"slots refer to context vector {int(slots.max())}, ctx has {ctx.shape[-2]}")
+    try:
+        lead = torch.broadcast_shapes(ctx.shape[:-2], (n_cls,))
+    except RuntimeError:
+        raise ValueError(f"ctx leading dims {list(ctx.shape[:-2])} do not broadcast against C = {n_cls}") from None
     ctx = ctx.expand(*lead, *ctx.shape[-2:])
     rows = torch.arange(n_cls, device=base.device)[:, None]
     gathered = ctx[..., rows, slots.clamp(min=0), :]  # [*lead, L, D]
@@ -61,6 +66,15 @@ def cosine_logits(
     Returns:
         ``[B, C]`` logits.
     """
+    if image_features.dim() != 2 or text_features.dim() not in (2, 3):
+        raise ValueError(
+            f"expected image [B, D] and text [C, D] or [B, C, D], got {list(image_features.shape)} "
+            f"and {list(text_features.shape)}"
+        )
+    if image_features.shape[-1] != text_features.shape[-1]:
+        raise ValueError(f"feature widths differ: {image_features.shape[-1]} vs {text_features.shape[-1]}")
+    if text_features.dim() == 3 and text_features.shape[0] != image_features.shape[0]:
+        raise ValueError(f"per-image text features for {text_features.shape[0]} images, got {image_features.shape[0]}")
     img = F.normalize(image_features, dim=-1)
     txt = F.normalize(text_features, dim=-1)
     if txt.dim() == 2:

@@ -210,11 +210,11 @@ def test_csc_with_ctx_init_is_a_validation_error():
 
 
 def test_csc_with_ctx_init_in_spec_is_user_error(coop_world, monkeypatch):
-    from vlprompt_core.plugins import get_registry
+    from vlprompt_core.plugins import build_registry, make_plugin_manager
     from vlprompt_core.spec import validate_spec
 
     monkeypatch.setenv("VLPROMPT_DATASETS_SPEC", str(coop_world["specs"]))
-    registry = get_registry(refresh=True)
+    registry = build_registry(*make_plugin_manager())  # leaves the process-wide registry alone
     world = coop_world
 
     spec = {
@@ -233,12 +233,14 @@ def test_csc_with_ctx_init_in_spec_is_user_error(coop_world, monkeypatch):
 
 def test_random_init_std(tiny_backbone, classes):
     torch.manual_seed(0)
-    method = build(tiny_backbone, classes, n_ctx=64)
-    ctx = method.ctx.detach()
-    assert ctx.shape == (64, tiny_backbone.text_width)
+    # csc: 4 classes x 16 vectors x width 32 = 2048 draws from N(0, 0.02^2)
+    ctx = build(tiny_backbone, classes, n_ctx=16, csc=True).ctx.detach()
+    assert ctx.shape == (len(NAMES), 16, tiny_backbone.text_width)
     assert abs(ctx.std().item() - 0.02) < 0.002
     assert abs(ctx.mean().item()) < 0.002
-    wide = build(tiny_backbone, classes, n_ctx=64, init_std=0.1).ctx.detach()
+    shared = build(tiny_backbone, classes, n_ctx=16).ctx.detach()
+    assert abs(shared.std().item() - 0.02) < 0.004
+    wide = build(tiny_backbone, classes, n_ctx=16, csc=True, init_std=0.1).ctx.detach()
     assert abs(wide.std().item() - 0.1) < 0.01
 
 
@@ -259,7 +261,7 @@ def test_eval_cache_matches_train_and_is_cleared(tiny_backbone, classes):
     assert torch.allclose(first, train_logits, atol=1e-6)
 
     with torch.no_grad():
-        method.ctx.add_(1.0)  # the cache is static: eval logits do not move
+        method.ctx.add_(torch.randn_like(method.ctx))  # the cache is static: eval logits stay
     assert torch.equal(method(image_features=feats).logits, first)
 
     method.train()  # clears the cache

@@ -1,0 +1,269 @@
+"""The open_clip backbone: attributes, text/vision paths, freezing, weight loading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from helpers import TINY_CONFIG
+from vlprompt_core.builtin.open_clip_backbone import OPENAI_MEAN, OPENAI_STD, OpenClipOptions, build_open_clip
+from vlprompt_core.errors import UserError
+
+TEXTS = ["a photo of a red.", "x", "a much longer prompt with quite a few more words in it than the others"]
+
+
+@pytest.fixture(scope="module")
+def bb(world):
+    torch.manual_seed(0)
+    return build_open_clip(OpenClipOptions(model=str(world["config"]), pretrained=None))
+
+
+def images(n=2, seed=0):
+    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- attributes
+
+
+def test_widths_and_depths_read_from_the_model(bb):
+    assert bb.embed_dim == TINY_CONFIG["embed_dim"]
+    assert bb.text_width == TINY_CONFIG["text_cfg"]["width"]
+    assert bb.text_depth == TINY_CONFIG["text_cfg"]["layers"]
+    assert bb.vision_width == TINY_CONFIG["vision_cfg"]["width"]
+    assert bb.vision_depth == TINY_CONFIG["vision_cfg"]["layers"]
+    assert bb.context_length == TINY_CONFIG["text_cfg"]["context_length"]
+    assert bb.image_size == TINY_CONFIG["vision_cfg"]["image_size"]
+    assert bb.image_mean == pytest.approx(OPENAI_MEAN)
+    assert bb.image_std == pytest.approx(OPENAI_STD)
+    assert bb.positional_embedding.shape == (bb.context_length, bb.text_width)
+    assert bb.logit_scale == pytest.approx(bb.model.logit_scale.exp().item())
+    assert isinstance(bb.logit_scale, float)
+
+
+def test_tokenize_words_has_no_special_tokens(bb):
+    words = bb.tokenize_words("a photo of a")
+    assert len(words) == 4
+    assert bb.sot_id not in words and bb.eot_id not in words
+    full = bb.tokenize(["a photo of a"])[0]
+    assert full[:6].tolist() == [bb.sot_id, *words, bb.eot_id]
+    assert full.shape == (bb.context_length,)
+
+
+# ---------------------------------------------------------------------- text
+
+
+def test_encode_text_embeddings_equals_open_clip_encode_text(bb):
+    tokens = bb.tokenize(TEXTS)
+    with torch.no_grad():
+        ours = bb.encode_text_embeddings(bb.embed_tokens(tokens), tokens)
+        ref = bb.model.encode_text(tokens)
+    assert ours.shape == (len(TEXTS), bb.embed_dim)
+    assert torch.allclose(ours, ref, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(bb.encode_text(tokens), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_features_do_not_depend_on_padding_beyond_the_end_token(bb):
+    """Causal truncation: a batch padded to a longer prompt gives the same features."""
+    short = bb.tokenize(TEXTS[:1])
+    with torch.no_grad():
+        alone = bb.encode_text(short)
+        batched = bb.encode_text(bb.tokenize(TEXTS))[:1]
+    assert torch.allclose(alone, batched, atol=1e-5, rtol=1e-4)
+
+
+def test_identity_block_hook_is_called_once_per_block_in_order(bb):
+    tokens = bb.tokenize(TEXTS[:2])
+    calls = []
+
+    def hook(i, x):
+        calls.append((i, tuple(x.shape)))
+        return x
+
+    with torch.no_grad():
+        plain = bb.encode_text_embeddings(bb.embed_tokens(tokens), tokens)
+        hooked = bb.encode_text_embeddings(bb.embed_tokens(tokens), tokens, block_hook=hook)
+    assert torch.equal(plain, hooked)
+    longest = int(tokens.argmax(-1).max()) + 1  # sequences are cut after the last end token
+    assert calls == [(i, (2, longest, bb.text_width)) for i in range(bb.text_depth)]
+
+
+def test_block_hook_output_is_used(bb):
+    tokens = bb.tokenize(TEXTS[:2])
+
+    def hook(i, x):
+        return x + 1.0 * (i == bb.text_depth - 1) * torch.randn_like(x)
+
+    with torch.no_grad():
+        plain = bb.encode_text(tokens)
+        hooked = bb.encode_text_embeddings(bb.embed_tokens(tokens), tokens, block_hook=hook)
+    assert not torch.allclose(plain, hooked, atol=1e-3)
+
+
+def test_add_positional_false_lets_the_caller_add_positions(bb):
+    tokens = bb.tokenize(TEXTS[:2])
+    emb = bb.embed_tokens(tokens)
+    with torch.no_grad():
+        ref = bb.encode_text_embeddings(emb, tokens)
+        manual = bb.encode_text_embeddings(emb + bb.positional_embedding, tokens, add_positional=False)
+        missing = bb.encode_text_embeddings(emb, tokens, add_positional=False)
+    assert torch.allclose(manual, ref, atol=1e-5)
+    assert not torch.allclose(missing, ref, atol=1e-3)
+
+
+# -------------------------------------------------------------------- vision
+
+
+def test_embed_image_then_tokens_equals_encode_image(bb):
+    x = images(3)
+    with torch.no_grad():
+        tokens = bb.embed_image(x)
+        ours = bb.encode_image_tokens(tokens)
+        ref = bb.encode_image(x)
+        via_model = bb.model.encode_image(x)
+    patches = (TINY_CONFIG["vision_cfg"]["image_size"] // TINY_CONFIG["vision_cfg"]["patch_size"]) ** 2
+    assert tokens.shape == (3, 1 + patches, bb.vision_width)
+    assert ref.shape == (3, bb.embed_dim)
+    assert torch.allclose(ours, ref, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(ref, via_model, atol=1e-6)
+
+
+def test_vision_block_hook_called_per_block(bb):
+    x = images(2)
+    seen = []
+    with torch.no_grad():
+        ref = bb.encode_image(x)
+        out = bb.encode_image_tokens(bb.embed_image(x), block_hook=lambda i, t: seen.append(i) or t)
+    assert seen == list(range(bb.vision_depth))
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------- frozen
+
+
+def test_backbone_stays_frozen_and_in_eval_mode(bb):
+    assert all(not p.requires_grad for p in bb.parameters())
+    bb.train()
+    assert not bb.training
+    assert not any(m.training for m in bb.modules())
+
+    parent = torch.nn.Module()
+    parent.backbone = bb
+    parent.train()
+    assert parent.training
+    assert not any(m.training for m in bb.modules())
+    assert all(not p.requires_grad for p in bb.parameters())
+
+
+# -------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "opts, field, words",
+    [
+        ({"model": "no-such-model-xyz", "pretrained": None}, "backbone.model", "no-such-model-xyz"),
+        ({"model": "/nonexistent/cfg.json", "pretrained": None}, "backbone.model", "/nonexistent/cfg.json"),
+        ({"model": "RN50", "pretrained": "/nonexistent/weights.pt"}, "backbone.pretrained", "/nonexistent/weights.pt"),
+        ({"model": "RN50", "pretrained": "no_such_tag"}, "backbone.pretrained", "no_such_tag"),
+    ],
+    ids=["unknown-model", "missing-config", "missing-checkpoint", "unknown-tag"],
+)
+def test_bad_model_or_weights_are_user_errors(opts, field, words, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError) as exc:
+        build_open_clip(OpenClipOptions(**opts))
+    message = str(exc.value)
+    assert message.startswith(field + ":")
+    assert words in message
+
+
+def test_unknown_tag_error_lists_the_known_tags(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="openai"):
+        build_open_clip(OpenClipOptions(model="RN50", pretrained="no_such_tag"))
+
+
+def test_checkpoint_for_another_architecture_is_a_user_error(bb, tmp_path):
+    other = dict(TINY_CONFIG, embed_dim=16)
+    cfg = tmp_path / "tiny_other.json"
+    import json
+
+    cfg.write_text(json.dumps(other))
+    path = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in bb.model.state_dict().items()}, str(path))
+    with pytest.raises(UserError, match="backbone.pretrained"):
+        build_open_clip(OpenClipOptions(model=str(cfg), pretrained=str(path)))
+
+
+# ------------------------------------------------------------------- weights
+
+
+def test_safetensors_checkpoint_gives_identical_weights(bb, world, tmp_path):
+    path = tmp_path / "tiny.safetensors"
+    saved = {k: v.clone().contiguous() for k, v in bb.model.state_dict().items()}
+    save_file(saved, str(path))
+    torch.manual_seed(1234)  # a different random init, overwritten by the file
+    loaded = build_open_clip(OpenClipOptions(model=str(world["config"]), pretrained=str(path)))
+    state = loaded.model.state_dict()
+    assert set(state) == set(saved)
+    for k, v in saved.items():
+        assert torch.equal(state[k], v), k
+    tokens = bb.tokenize(TEXTS[:1])
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_text(tokens), bb.encode_text(tokens))
+
+
+@pytest.fixture(scope="module")
+def openai_model():
+    """A tiny CLIP in the OpenAI layout (heads = width / 64, QuickGELU), weights
+    rounded to fp16 as OpenAI checkpoints store them."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(0)
+    model = CLIP(
+        32,
+        CLIPVisionCfg(layers=1, width=64, patch_size=8, image_size=16),
+        CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=1, layers=1),
+        quick_gelu=True,
+    ).eval()
+    model.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})
+    return model
+
+
+def _check_openai_load(loaded, model):
+    state = loaded.model.state_dict()
+    ref = model.state_dict()
+    assert set(state) == set(ref)
+    for k, v in ref.items():
+        assert torch.equal(state[k].float(), v), k
+    assert loaded.text_width == 64 and loaded.vision_width == 64
+    assert loaded.context_length == 77 and loaded.image_size == 16
+    tokens = loaded.tokenize(["a photo of a dog."])
+    x = images(2)
+    with torch.no_grad():
+        assert torch.allclose(loaded.encode_text(tokens), model.encode_text(tokens), atol=1e-5)
+        assert torch.allclose(loaded.encode_image(x), model.encode_image(x), atol=1e-5)
+
+
+def test_openai_state_dict_checkpoint(openai_model, tmp_path):
+    path = tmp_path / "openai_sd.pt"
+    torch.save(openai_model.state_dict(), path)
+    loaded = build_open_clip(OpenClipOptions(model="ViT-B-32", pretrained=str(path), format="openai"))
+    _check_openai_load(loaded, openai_model)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_openai_torchscript_archive_is_detected_by_auto(openai_model, tmp_path):
+    """format: auto recognises a TorchScript archive and loads it the OpenAI way."""
+    import copy
+
+    model = copy.deepcopy(openai_model)
+    mask = model.attn_mask
+    del model._buffers["attn_mask"]  # OpenAI archives do not store the causal mask
+    model.attn_mask = mask
+    tokens = torch.zeros(1, 77, dtype=torch.long)
+    traced = torch.jit.trace_module(model, {"encode_text": (tokens,), "encode_image": (images(1),)})
+    path = tmp_path / "ViT-tiny.pt"
+    traced.save(str(path))
+    loaded = build_open_clip(OpenClipOptions(model="ViT-B-32", pretrained=str(path)))
+    _check_openai_load(loaded, openai_model)
