@@ -203,6 +203,18 @@ def test_rerun_skips_finished_pairs(world, registry_m, main_run):
     assert again["record"]["status"] == "complete"
 
 
+def test_results_of_another_spec_are_moved_aside_not_lost(world, registry_m, tmp_path):
+    out = tmp_path / "shared"
+    first = run(world, registry_m, out, seeds=[1], epochs=1)
+    old_hash = first["record"]["spec_hash"]
+    second = run(world, registry_m, out, seeds=[1], epochs=2)
+    assert second["record"]["spec_hash"] != old_hash
+    assert len(second["methods"]) == 1  # trained anew, not skipped
+    aside = json.loads((out / f"results.{old_hash}.json").read_text())
+    assert aside["runs"] == first["record"]["runs"]
+    assert any("moved to" in line for line in second["log"])
+
+
 # --------------------------------------------------------- reproducibility
 
 

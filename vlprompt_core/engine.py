@@ -136,14 +136,20 @@ class Engine:
         return labels
 
     def _previous_runs(self) -> list[dict]:
-        """Finished (method, seed) pairs of an earlier run of the same spec."""
+        """Finished (method, seed) pairs of an earlier run of the same spec. Results of
+        a different spec in the same folder are moved aside, never overwritten."""
         if not self.results_path.is_file():
             return []
         try:
             old = json.loads(self.results_path.read_text())
         except json.JSONDecodeError:
-            return []
-        return old.get("runs", []) if old.get("spec_hash") == self.spec_hash() else []
+            old = {}
+        if old.get("spec_hash") == self.spec_hash():
+            return old.get("runs", [])
+        aside = self.results_path.with_name(f"results.{old.get('spec_hash', 'unreadable')}.json")
+        self.results_path.replace(aside)
+        self.log(f"{self.results_path} held results of another spec: moved to {aside.name}")
+        return []
 
     # ------------------------------------------------------------------- run
     def run(self) -> dict:
