@@ -377,3 +377,24 @@ def test_image_dataset_reads_and_reports_missing_files(tmp_path):
     assert x.shape == (3, 16, 16) and y == 3
     with pytest.raises(UserError, match="gone.png"):
         ds[1]
+
+
+def test_embedded_dataset_is_generated_once_and_again_when_the_generator_changes(tmp_path, monkeypatch):
+    from vlprompt_core.builtin import datasets as ds
+
+    calls = []
+
+    def fake_write_task(task, dest):
+        dest.mkdir(parents=True)
+        (dest / "split.json").write_text("{}")
+        calls.append(task)
+
+    monkeypatch.setattr("vlprompt_core.embedded.tasks.write_task", fake_write_task)
+    folder = tmp_path / "data" / "embedded_objects"
+    ds.ensure_embedded("objects", folder)
+    ds.ensure_embedded("objects", folder)
+    assert calls == ["objects"]
+    (folder / ".generator").write_text("made by an older generator\n")
+    ds.ensure_embedded("objects", folder)
+    assert calls == ["objects", "objects"]
+    assert (folder / ".generator").read_text().strip() == ds.embedded_fingerprint("objects")

@@ -3,8 +3,10 @@ for a user's own images (no code needed)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -80,18 +82,39 @@ class SpecDatasetOptions(Options):
         return root
 
 
+def embedded_fingerprint(task: str) -> str:
+    """Identifies the generator that makes an embedded task (its source and the task)."""
+    here = Path(__file__).resolve().parents[1] / "embedded"
+    digest = hashlib.sha256(task.encode())
+    for name in ("world.py", "tasks.py"):
+        digest.update((here / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def ensure_embedded(task: str, folder: Path) -> None:
+    """Generate an embedded dataset unless ``folder`` holds one from the current generator."""
+    from ..embedded.tasks import write_task
+
+    stamp = folder / ".generator"
+    want = embedded_fingerprint(task)
+    if stamp.is_file() and stamp.read_text().strip() == want:
+        return
+    if folder.exists():
+        log.warning("regenerating %s: made by another version of the generator", folder)
+        shutil.rmtree(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    write_task(task, folder)
+    stamp.write_text(want + "\n")
+
+
 def _make_spec_dataset(spec: DatasetSpecFile) -> DatasetPlugin:
     options = type(f"{spec.name.title().replace('_', '')}Options", (SpecDatasetOptions,), {"spec": spec})
 
     def load(opts: SpecDatasetOptions) -> DatasetSplits:
         root = opts.root or default_data_root()
         folder = root / spec.folder
-        if spec.embedded is not None and not folder.is_dir():
-            from ..embedded.tasks import write_task
-
-            log.info("generating embedded dataset %s in %s", spec.name, folder)
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            write_task(spec.embedded, folder)
+        if spec.embedded is not None:
+            ensure_embedded(spec.embedded, folder)
         classes = ClassSet([prompt_name(c) for c in spec.classnames], opts.templates or spec.templates)
         if spec.layout == "split_file":
             return load_split_file(spec.name, folder / spec.split_file, folder / spec.image_dir, classes)
