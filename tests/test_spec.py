@@ -207,3 +207,9 @@ def test_json_schema_covers_plugins(registry):
     assert "Dataset_toy" in defs
     assert "epochs" in defs["TrainSpec"]["properties"]
     assert set(schema["required"]) >= {"method", "dataset", "protocol"}
+
+
+def test_crop_scale_must_be_an_ordered_fraction(base, registry):
+    assert TrainSpec().crop_scale == (0.08, 1.0)  # the reference transform by default
+    base["train"]["crop_scale"] = [0.9, 0.5]
+    assert problems(base, registry) == ["spec: train.crop_scale: Value error, needs 0 < low <= high <= 1"]

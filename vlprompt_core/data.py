@@ -180,13 +180,13 @@ def sample_few_shot(items: Iterable[Item], shots: int, key: str) -> list[Item]:
 # ----------------------------------------------------------------- transforms
 
 
-def train_transform(size: int, mean, std):
+def train_transform(size: int, mean, std, scale: tuple[float, float] = (0.08, 1.0)):
     """Reference train transform: random resized crop (scale 0.08-1, bicubic) + flip."""
     from torchvision import transforms as T
 
     return T.Compose(
         [
-            T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
             T.RandomHorizontalFlip(),
             T.ToTensor(),
             T.Normalize(mean, std),

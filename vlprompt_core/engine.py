@@ -242,7 +242,7 @@ class Engine:
         backbone = method.backbone
         params = trainable_parameters(method)
         optimizer = make_optimizer(list(params.values()), train)
-        tf = train_transform(backbone.image_size, backbone.image_mean, backbone.image_std)
+        tf = train_transform(backbone.image_size, backbone.image_mean, backbone.image_std, train.crop_scale)
         loader = _loader(plan.train, tf, train.batch_size, train, shuffle=True, seed=seed)
         method.set_classes(plan.classes)
         method.train()

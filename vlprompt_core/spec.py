@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from .api import DatasetRef
 from .errors import UserError
@@ -38,9 +38,20 @@ class TrainSpec(BaseModel):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="autocast dtype; trainable parameters stay fp32. auto: bf16 on CUDA, fp32 on CPU"
     )
+    crop_scale: tuple[float, float] = Field(
+        (0.08, 1.0), description="area range of the random resized crop (reference: 0.08-1)"
+    )
     seeds: list[int] = Field(default_factory=lambda: [1, 2, 3], min_length=1)
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ...")
     num_workers: int = Field(0, ge=0, description="data-loading worker processes")
+
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _ordered_fraction(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1] <= 1:
+            raise ValueError("needs 0 < low <= high <= 1")
+        return value
 
 
 #: Per-method overrides of the train section (every field optional).

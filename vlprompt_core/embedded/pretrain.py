@@ -2,7 +2,7 @@
 
 Run ``python -m vlprompt_core.embedded.pretrain`` to regenerate the shipped
 ``vlprompt_tiny.safetensors`` and ``pretrain_log.json`` beside this file
-(about 20 minutes on two CPU cores), or ``--out DIR`` to write elsewhere.
+(about 18 minutes on two idle CPU cores), or ``--out DIR`` to write elsewhere.
 
 The model is a standard open_clip ``CLIP`` built from ``vlprompt_tiny.json``
 and trained with open_clip's ``ClipLoss`` on freshly sampled image-caption
@@ -36,6 +36,11 @@ ZERO_SHOT_TEMPLATE = "a photo of a {}."
 # OpenAI CLIP normalisation, as in open_clip's default preprocess.
 _MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 _STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+
+def weights_path() -> Path:
+    """The shipped checkpoint."""
+    return HERE / WEIGHTS_NAME
 
 
 def register_config() -> None:
@@ -83,7 +88,7 @@ def zero_shot(model, tokenizer, task: str = "objects", split: str = "test",
     return {k: round(100 * v, 2) for k, v in result.items()}
 
 
-def pretrain(out_dir: Path = HERE, steps: int = 2400, batch_size: int = 256, lr: float = 1e-3,
+def pretrain(out_dir: Path = HERE, steps: int = 1250, batch_size: int = 256, lr: float = 1e-3,
              weight_decay: float = 0.1, warmup: int = 100, seed: int = 0,
              log_every: int = 20, threads: int = 2) -> dict:
     """Train ``vlprompt_tiny`` from scratch; write weights and log to ``out_dir``.
@@ -165,7 +170,7 @@ def pretrain(out_dir: Path = HERE, steps: int = 2400, batch_size: int = 256, lr:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE, help="output folder (default: the package)")
-    parser.add_argument("--steps", type=int, default=2400)
+    parser.add_argument("--steps", type=int, default=1250)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)

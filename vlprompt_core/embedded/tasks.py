@@ -1,24 +1,25 @@
 """Downstream classification tasks drawn from the embedded world.
 
-Classes are ``"<colour> <shape>"`` pairs over 6 colours x 5 shapes (30
+Classes are ``"<colour> <shape>"`` pairs over 8 colours x 4 shapes (32
 classes).  Every pair occurs in the pre-training captions, but the model
 never sees a classification task over them.  The canonical class order puts
-a checkerboard half of the grid first (``(colour + shape) % 2 == 0``), so the
+a checkerboard half of the grid first (see :func:`class_attributes`), so the
 base half (first ``ceil(n/2)`` labels) and the novel half both mix every
 colour and every shape, and base-to-novel generalisation must transfer to new
 *combinations* rather than to new colours.
 
-* ``objects``         -- photographed under warm light; nuisances (size,
-                         position) vary freely; textures are plain or
-                         striped; backgrounds dark, light or noisy.
-* ``objects_shifted`` -- same classes under a domain shift: dotted or
-                         checkered objects on grass, sky or sand, under cool
+* ``objects``         -- large plain or striped objects on dark, light or
+                         noisy backgrounds, photographed under cool light.
+* ``objects_shifted`` -- the same classes under a domain shift: dotted or
+                         checkered objects on grass, sky or sand, under warm
                          light.
 
 The fixed lighting of a task is what leaves room for prompt learning: the
 pre-training captions nearly always mention unusual lighting, so the default
 prompt "a photo of a {}." describes neutral light and confuses colours that
-the cast makes look alike (see :mod:`.world`).
+the cast makes look alike (see :mod:`.world`).  The image features still tell
+the classes apart: on ``objects`` a 16-shot linear probe on frozen features
+scores about 97% on the base classes, zero-shot about 75%.
 
 :func:`write_task` stores a task in the split-file layout of the real
 benchmarks (``images/`` plus ``split.json``).
@@ -38,50 +39,68 @@ import numpy as np
 
 from . import world
 
-TASK_COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
-TASK_SHAPES = ("circle", "square", "triangle", "star", "heart")
+TASK_COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "pink", "cyan")
+TASK_SHAPES = ("circle", "square", "triangle", "star")
 SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
 class Task:
-    """A downstream task: which nuisances are allowed and how many images."""
+    """A downstream task: a grid of classes over two attributes, and the nuisances.
+
+    ``axes`` names the two attributes that define a class (e.g. colour and
+    texture) with their values; ``name`` formats a class name from them.
+    ``fixed`` restricts the other attributes (see :func:`world.sample_scene`).
+    """
 
     description: str
-    textures: tuple[str, ...]
-    backgrounds: tuple[str, ...]
-    lighting: str
+    axes: tuple[tuple[str, tuple[str, ...]], tuple[str, tuple[str, ...]]]
+    name: str
+    fixed: dict[str, str | tuple[str, ...]]
     per_class: dict[str, int]  # split -> images per class
 
 
+_OBJECT_AXES = (("colour", TASK_COLOURS), ("shape", TASK_SHAPES))
+
 TASKS: dict[str, Task] = {
     "objects": Task(
-        description="colour x shape, source domain",
-        textures=("plain", "striped"),
-        backgrounds=("dark", "light", "noisy"),
-        lighting="warm",
+        description="colour x shape under cool light: large plain or striped objects on dark, light or noisy "
+        "backgrounds",
+        axes=_OBJECT_AXES,
+        name="{colour} {shape}",
+        fixed={"size": "large", "texture": ("plain", "striped"), "background": ("dark", "light", "noisy"),
+               "lighting": "cool"},
         per_class={"train": 32, "val": 8, "test": 25},
     ),
     "objects_shifted": Task(
-        description="colour x shape under a texture/background shift",
-        textures=("dotted", "checkered"),
-        backgrounds=("grass", "sky", "sand"),
-        lighting="cool",
+        description="the same classes under a domain shift: dotted or checkered objects on grass, sky or sand, "
+        "under warm light",
+        axes=_OBJECT_AXES,
+        name="{colour} {shape}",
+        fixed={"size": "large", "texture": ("dotted", "checkered"), "background": ("grass", "sky", "sand"),
+               "lighting": "warm"},
         per_class={"train": 4, "val": 2, "test": 25},
     ),
 }
 
 
-def _class_pairs() -> list[tuple[str, str]]:
-    grid = [(c, s) for c in range(len(TASK_COLOURS)) for s in range(len(TASK_SHAPES))]
+def class_attributes(task: str) -> list[dict[str, str]]:
+    """The attribute values of each class, in label order.
+
+    The grid is ordered as a checkerboard (cells with an even index sum first),
+    so the base half (the first ``ceil(n/2)`` labels) and the novel half both
+    hold every value of both attributes: novel classes are new *combinations*.
+    """
+    (a, a_values), (b, b_values) = _get(task).axes
+    grid = [(i, j) for i in range(len(a_values)) for j in range(len(b_values))]
     ordered = [p for p in grid if sum(p) % 2 == 0] + [p for p in grid if sum(p) % 2 == 1]
-    return [(TASK_COLOURS[c], TASK_SHAPES[s]) for c, s in ordered]
+    return [{a: a_values[i], b: b_values[j]} for i, j in ordered]
 
 
 def classnames(task: str) -> list[str]:
     """The canonical class list of ``task`` (index = label)."""
-    _get(task)
-    return [f"{colour} {shape}" for colour, shape in _class_pairs()]
+    fmt = _get(task).name
+    return [fmt.format(**attrs) for attrs in class_attributes(task)]
 
 
 def _get(task: str) -> Task:
@@ -103,10 +122,8 @@ def generate(task: str, split: str, seed: int = 0) -> tuple[np.ndarray, np.ndarr
     rng = np.random.default_rng([seed, zlib.crc32(task.encode()), SPLITS.index(split)])
     n = spec.per_class[split]
     images, labels = [], []
-    for label, (colour, shape) in enumerate(_class_pairs()):
-        batch, _, _ = world.sample(n, rng, colour=colour, shape=shape,
-                                   texture=spec.textures, background=spec.backgrounds,
-                                   lighting=spec.lighting)
+    for label, attrs in enumerate(class_attributes(task)):
+        batch, _, _ = world.sample(n, rng, **{**spec.fixed, **attrs})
         images.append(batch)
         labels += [label] * n
     return np.concatenate(images), np.array(labels, dtype=np.int64)

@@ -135,8 +135,10 @@ _SDF: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
 }
 
 # Per-channel gain of each lighting.
-_LIGHT_GAIN = {"neutral": (1.0, 1.0, 1.0), "warm": (1.05, 0.8, 0.45),
-               "cool": (0.5, 0.8, 1.05), "dim": (0.45, 0.45, 0.45)}
+# The casts are strong: under warm light a yellow object looks like an orange
+# one in neutral light, and on a dark background nothing else tells them apart.
+_LIGHT_GAIN = {"neutral": (1.0, 1.0, 1.0), "warm": (1.0, 0.68, 0.3),
+               "cool": (0.3, 0.68, 1.0), "dim": (0.45, 0.45, 0.45)}
 
 _ROW, _COL = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32) + 0.5
 
