@@ -20,6 +20,7 @@ from torch import nn
 
 from .. import hookimpl
 from ..api import BackbonePlugin, Options, VisionLanguageBackbone
+from ..embedded import pretrain as embedded
 from ..errors import UserError
 
 log = logging.getLogger(__name__)
@@ -28,10 +29,9 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 #: The embedded default: a tiny CLIP pretrained by ``python -m vlprompt_core.embedded.pretrain``.
-EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "embedded"
-EMBEDDED_MODEL = "vlprompt_tiny"
-EMBEDDED_CONFIG = EMBEDDED_DIR / "vlprompt_tiny.json"
-EMBEDDED_WEIGHTS = EMBEDDED_DIR / "vlprompt_tiny.safetensors"
+EMBEDDED_MODEL = embedded.MODEL_NAME
+EMBEDDED_CONFIG = embedded.CONFIG_PATH
+EMBEDDED_WEIGHTS = embedded.weights_path()
 
 
 class OpenClipOptions(Options):
