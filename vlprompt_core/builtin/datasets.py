@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -16,7 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .. import hookimpl
 from ..api import ClassSet, DatasetPlugin, DatasetSplits, Options
 from ..data import default_data_root, load_class_folders, load_csv, load_imagenet_layout, load_split_file, prompt_name
-from ..errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -186,5 +185,3 @@ def vlprompt_datasets() -> list[DatasetPlugin]:
     )
     return plugins
 
-
-__all__: list[Any] = ["DatasetSpecFile", "read_spec_files", "spec_dirs"]

@@ -9,7 +9,6 @@ dict as the reference research code loads), the project's embedded tiny CLIP
 
 from __future__ import annotations
 
-import logging
 import zipfile
 from pathlib import Path
 from typing import Callable, Literal
@@ -22,8 +21,6 @@ from .. import hookimpl
 from ..api import BackbonePlugin, Options, VisionLanguageBackbone
 from ..embedded import pretrain as embedded
 from ..errors import UserError
-
-log = logging.getLogger(__name__)
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
