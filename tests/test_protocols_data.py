@@ -377,6 +377,9 @@ def test_image_dataset_reads_and_reports_missing_files(tmp_path):
     assert x.shape == (3, 16, 16) and y == 3
     with pytest.raises(UserError, match="gone.png"):
         ds[1]
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(UserError, match="broken.png: cannot read image"):
+        ImageDataset([Item(tmp_path / "broken.png", 0)], tf)[0]
 
 
 def test_embedded_dataset_is_generated_once_and_again_when_the_generator_changes(tmp_path, monkeypatch):

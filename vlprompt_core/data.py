@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .api import ClassSet, DatasetSplits, Item
 from .errors import UserError
@@ -225,4 +225,6 @@ class ImageDataset(torch.utils.data.Dataset):
                 img = im.convert("RGB")
         except FileNotFoundError:
             raise UserError(f"{item.path}: image file not found") from None
+        except (UnidentifiedImageError, OSError) as exc:
+            raise UserError(f"{item.path}: cannot read image ({exc})") from None
         return self.transform(img), item.label
