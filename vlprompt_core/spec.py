@@ -66,13 +66,21 @@ TrainOverride = create_model(
 )
 
 
-def _section_models(reg: Registry, kind: str, extra_fields: dict[str, Any] | None = None) -> list[type[BaseModel]]:
+def _section_models(
+    reg: Registry, kind: str, extra_fields: dict[str, Any] | None = None, dataset=None
+) -> list[type[BaseModel]]:
+    """One model per registered plug-in of ``kind``: its options plus ``name``.
+
+    ``dataset`` (the dataset-section union) types protocol options declared
+    ``list[DatasetRef]``.
+    """
     models = []
     for name in reg.names(kind):
         plugin = reg.get(kind, name)
         fields: dict[str, Any] = {"name": (Literal[name], Field(description=plugin.description))}
         fields.update(extra_fields or {})
-        fields.update(_dataset_ref_fields(reg, plugin.options) if kind == "protocol" else {})
+        if dataset is not None:
+            fields.update(_dataset_ref_fields(plugin.options, dataset))
         model = create_model(f"{kind.title()}_{name}", __base__=plugin.options, **fields)
         models.append(model)
     return models
@@ -86,14 +94,13 @@ def _union(models: list[type[BaseModel]], kind: str):
     return Annotated[Union[tuple(models)], Field(discriminator="name")]
 
 
-def _dataset_ref_fields(reg: Registry, options: type[BaseModel]) -> dict[str, Any]:
+def _dataset_ref_fields(options: type[BaseModel], dataset) -> dict[str, Any]:
     """Protocol options typed ``list[DatasetRef]`` take dataset sections."""
-    out = {}
-    for fname, field in options.model_fields.items():
-        if typing.get_args(field.annotation) == (DatasetRef,):
-            dataset = _union(_section_models(reg, "dataset"), "dataset")
-            out[fname] = (list[dataset], Field(min_length=1, description=field.description))
-    return out
+    return {
+        fname: (list[dataset], Field(min_length=1, description=field.description))
+        for fname, field in options.model_fields.items()
+        if typing.get_args(field.annotation) == (DatasetRef,)
+    }
 
 
 def _method_list(reg: Registry):
@@ -119,7 +126,7 @@ def build_spec_model(reg: Registry) -> type[BaseModel]:
         "method",
     )
     dataset = _union(_section_models(reg, "dataset"), "dataset")
-    protocol = _union(_section_models(reg, "protocol"), "protocol")
+    protocol = _union(_section_models(reg, "protocol", dataset=dataset), "protocol")
     backbone_field = (
         Field(default_factory=lambda: {"name": "open_clip"}, validate_default=True,
               description="the frozen model (default: the embedded tiny CLIP)")
