@@ -104,8 +104,9 @@ def _dataset_ref_fields(options: type[BaseModel], dataset) -> dict[str, Any]:
 
 
 def _method_list(reg: Registry):
-    """``method:`` may be one section, a list, or ``all`` (zero-shot first)."""
-    names = sorted(reg.names("method"), key=lambda n: (n != "zeroshot", n))
+    """``method:`` may be one section, a list, or ``all`` (the built-in baselines
+    first, then installed plug-ins; the core names no method)."""
+    names = sorted(reg.names("method"), key=lambda n: (reg.sources[("method", n)].distribution != "vlprompt", n))
 
     def expand(value):
         if value == "all":
