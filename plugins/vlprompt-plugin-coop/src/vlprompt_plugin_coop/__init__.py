@@ -56,6 +56,8 @@ class CoOp(PromptMethod):
         self.ctx = nn.Parameter(ctx)
         self.n_ctx = ctx.shape[-2]
         self._trained_names = list(classes.names)
+        self._placeholder = backbone.tokenize_words("X")[0]  # stands in the context slots
+        self._dot = backbone.tokenize_words(".")
         self._cached: torch.Tensor | None = None
         self.set_classes(classes)
 
@@ -63,8 +65,7 @@ class CoOp(PromptMethod):
         """Token ids and context slots (``j`` for context vector j, -1 otherwise) of one
         prompt: ``[SOS] ctx... name... . [EOS]`` with the class name at the chosen position."""
         bb, m = self.backbone, self.n_ctx
-        placeholder = bb.tokenize_words("X")[0]
-        dot = bb.tokenize_words(".")
+        placeholder, dot = self._placeholder, self._dot
         where = self.options.class_token_position
         half = m // 2 if where == "middle" else (m if where == "end" else 0)
         ctx_a, ctx_b = list(range(half)), list(range(half, m))
