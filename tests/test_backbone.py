@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from helpers import TINY_CONFIG
+from vlprompt_core.testing import TINY_CONFIG
 from vlprompt_core.builtin.open_clip_backbone import OPENAI_MEAN, OPENAI_STD, OpenClipOptions, build_open_clip
 from vlprompt_core.errors import UserError
 

@@ -67,7 +67,7 @@ def test_each_protocol_runs_end_to_end(protocol, world, tmp_path):
             assert 0.0 <= summary[m]["mean"] <= 100.0 and summary[m]["n"] == 2
     coop_runs = [r for r in results["runs"] if r["method"] == "coop"]
     assert all(r["trainable_parameters"] == 2 * 32 for r in coop_runs)
-    assert all(Path(r["checkpoint"]).is_file() for r in coop_runs)
+    assert all((tmp_path / "out" / r["checkpoint"]).is_file() for r in coop_runs)
     fewshot = json.loads((tmp_path / "out" / "fewshot" / "seed1.json").read_text())
     assert len(fewshot["train"]) == 6 * 2  # 2 shots x 6 classes, saved with the run
     if protocol == "base2novel":

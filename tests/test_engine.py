@@ -68,7 +68,7 @@ def capturing(reg: Registry, store: dict) -> Registry:
         image_dtypes = store["image_dtypes"]
         encode = bb.encode_image
 
-        def encode_image(images):
+        def encode_image(images):  # counts and records what the engine computes
             out = encode(images)
             image_dtypes.add(out.dtype)
             return out
@@ -148,7 +148,7 @@ def test_only_trainable_params_change(main_run):
 
 def test_checkpoint_holds_exactly_the_trainable_params(main_run):
     for m, r in zip(main_run["methods"], main_run["record"]["runs"]):
-        ckpt = load_file(r["checkpoint"])
+        ckpt = load_file(main_run["output"] / r["checkpoint"])
         assert set(ckpt) == {"ctx"}
         assert ckpt["ctx"].dtype == torch.float32
         assert torch.equal(ckpt["ctx"], m.ctx.detach())
@@ -222,9 +222,9 @@ def test_same_seed_same_checkpoint(world, registry_m, main_run, tmp_path):
     alone = run(world, registry_m, tmp_path / "seed1", seeds=[1])
     (r,) = alone["record"]["runs"]
     first, second = main_run["record"]["runs"]
-    new = load_file(r["checkpoint"])["ctx"]
-    assert torch.equal(new, load_file(first["checkpoint"])["ctx"])
-    assert not torch.equal(new, load_file(second["checkpoint"])["ctx"])
+    new = load_file(tmp_path / "seed1" / r["checkpoint"])["ctx"]
+    assert torch.equal(new, load_file(main_run["output"] / first["checkpoint"])["ctx"])
+    assert not torch.equal(new, load_file(main_run["output"] / second["checkpoint"])["ctx"])
     assert r["accuracy"] == first["accuracy"]
     assert [e["loss"] for e in r["epochs"]] == [e["loss"] for e in first["epochs"]]
 
@@ -240,7 +240,7 @@ def test_bf16_runs_on_cpu_and_keeps_params_fp32(world, registry_m, main_run, tmp
     (m,) = bf["methods"]
     assert m.ctx.dtype == torch.float32
     (r,) = bf["record"]["runs"]
-    ckpt = load_file(r["checkpoint"])
+    ckpt = load_file(tmp_path / "bf16" / r["checkpoint"])
     assert set(ckpt) == {"ctx"} and ckpt["ctx"].dtype == torch.float32
     assert not torch.equal(ckpt["ctx"], bf["method_before"][0]["ctx"])
     assert 0 <= r["accuracy"]["test"] <= 100

@@ -17,8 +17,8 @@ THIRD_PARTY = '''
 import torch
 from torch import nn
 from vlprompt_core import hookimpl
-from vlprompt_core.api import MethodOutput, MethodPlugin, Options, PromptMethod
-from vlprompt_core.builtin.zeroshot import class_text_features
+from vlprompt_core.api import MethodEntry, MethodOutput, Options, PromptMethod
+from vlprompt_core.prompting import class_text_features
 from vlprompt_kernels import cosine_logits
 
 
@@ -27,7 +27,7 @@ class BiasOptions(Options):
 
 
 class Bias(PromptMethod):
-    modality = "text"
+    inputs = ("image_features",)
 
     def __init__(self, backbone, classes, options):
         super().__init__(backbone, classes, options)
@@ -37,14 +37,14 @@ class Bias(PromptMethod):
         self.text = class_text_features(self.backbone, classes.names, classes.templates[:1])
         self.bias = nn.Parameter(torch.zeros(len(classes)))
 
-    def forward(self, images=None, image_features=None):
-        logits = cosine_logits(image_features.float(), self.text, self.backbone.logit_scale)
+    def forward(self, batch):
+        logits = cosine_logits(batch.image_features.float(), self.text, self.backbone.logit_scale)
         return MethodOutput(logits + self.options.scale * self.bias)
 
 
 @hookimpl
 def vlprompt_methods():
-    return [MethodPlugin("bias", BiasOptions, Bias, "third-party test method")]
+    return [MethodEntry("bias", BiasOptions, Bias, "third-party test method")]
 
 
 @hookimpl
@@ -131,7 +131,7 @@ def test_broken_plugin_is_reported_and_others_keep_working(world, tmp_path):
 def test_two_plugins_claiming_one_name_is_a_clear_error(world, tmp_path):
     site = tmp_path / "site"
     site.mkdir()
-    clash = THIRD_PARTY.replace('MethodPlugin("bias"', 'MethodPlugin("coop"')
+    clash = THIRD_PARTY.replace('MethodEntry("bias"', 'MethodEntry("coop"')
     install_fake_distribution(site, "vlprompt-plugin-clash", "vlprompt_plugin_clash", clash,
                               {"clash": "vlprompt_plugin_clash"})
     proc = vlprompt("list", env_extra=env_with(site, world))

@@ -92,7 +92,7 @@ def test_base2novel_plan(n, n_base):
     assert all(it.label == original_label(it) - n_base for it in novel.items)
     assert len(base.items) + len(novel.items) == len(ds.test)
     # the record holds the full few-shot sample, before the base split
-    assert len(plan.record["train"]) == 2 * n
+    assert len(plan.sample["train"]) == 2 * n
 
 
 def test_harmonic_mean():
@@ -154,7 +154,7 @@ def test_few_shot_plan_val_is_min_k_4():
     assert Counter(it.label for it in plan.val) == {0: 4, 1: 4, 2: 4}
     assert plan.classes is ds.classes
     assert [e.name for e in plan.evals] == ["test"] and plan.evals[0].items == ds.test
-    assert plan.record["train"] == [[str(it.path), it.label] for it in plan.train]
+    assert plan.sample["train"] == [[str(it.path), it.label] for it in plan.train]
 
 
 # ------------------------------------------------------- canonical class list

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from vlprompt_core.errors import UserError
-from vlprompt_core.spec import TrainSpec, build_spec_model, load_spec, train_for, validate_spec
+from vlprompt_core.spec import TrainSpec, build_spec_model, load_spec, resolve_methods, validate_spec
 
 
 @pytest.fixture()
@@ -168,19 +168,21 @@ def test_load_spec_names_the_file_and_defaults_output(base, tmp_path, registry):
 # -------------------------------------------------------------- overrides
 
 
-def test_train_for_applies_per_method_overrides(base, registry):
+def test_per_method_overrides_beat_the_train_section(base, registry):
     data = with_(base, method=[
         {"name": "coop", "label": "fast", "train": {"epochs": 1, "lr": 0.01}},
         {"name": "coop", "n_ctx": 2},
     ])
     spec = validate_spec(data, registry)
-    fast, plain = spec.method
-    t = train_for(spec, fast)
+    fast, plain = resolve_methods(spec, registry)
+    t = fast.train
     assert (t.epochs, t.lr) == (1, 0.01)
     assert t.batch_size == 8 and t.seeds == [1]  # the rest from the run's train section
     assert t.momentum == TrainSpec().momentum
-    assert train_for(spec, plain) == spec.train
+    assert (plain.train.epochs, plain.train.lr, plain.train.batch_size) == (3, 0.002, 8)
+    assert fast.sources["train.epochs"] == fast.sources["train.batch_size"] == "spec"
     assert spec.train.epochs == 3 and spec.train.lr == 0.002  # the run's section is untouched
+    assert fast.key != plain.key
 
 
 def test_method_all_expands_to_every_method(base, registry):

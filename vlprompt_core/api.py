@@ -1,25 +1,37 @@
 """What plug-ins implement and return: the public contract of vlprompt.
 
-Reading order for a method author: :class:`Options`, :class:`PromptMethod`,
-:class:`MethodPlugin`. The backbone interface a method may use is
-:class:`VisionLanguageBackbone`.
+Reading order for a method author: :class:`Options`, :class:`PromptMethod` (with
+:class:`Batch` and :class:`MethodOutput`), :class:`MethodEntry` and
+:class:`~vlprompt_core.recipes.Recipe`. The backbone interface a method may use is
+:class:`VisionLanguageBackbone`; the shared text-prompt machinery is in
+:mod:`vlprompt_core.prompting`.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import nn
+
+if TYPE_CHECKING:
+    from .recipes import Recipe
 
 
 class Options(BaseModel):
     """Base of every plug-in's options model: unknown keys are errors, not ignored."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+class ContractError(RuntimeError):
+    """A plug-in broke the contract it signed (e.g. a text block hook changed the
+    sequence length). A bug in the plug-in, not a mistake of the user."""
 
 
 # --------------------------------------------------------------------------- data
@@ -72,21 +84,38 @@ class Plan:
     val: list[Item]
     classes: ClassSet
     evals: list[EvalSet]
-    #: A JSON-able record of the sampled items, saved with the run.
-    record: dict[str, Any] = field(default_factory=dict)
+    #: The few-shot items drawn for this seed, JSON-able; saved as ``fewshot/seed<N>.json``.
+    sample: dict[str, Any] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------ backbone
+
+#: A function called before block ``l`` of a tower with the tokens ``x`` ``[N, L, W]``
+#: entering it; it returns the tokens the block gets instead (see
+#: :meth:`VisionLanguageBackbone.encode_text_embeddings` for what may change).
+BlockHook = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 class VisionLanguageBackbone(nn.Module):
     """A frozen CLIP-like model, seen through the parts prompt methods need.
 
-    Text side: ``tokenize`` -> ``embed_tokens`` -> (edit embeddings) ->
-    ``encode_text_embeddings``, which adds positions, runs the blocks (with an
-    optional hook before each block), pools and projects. Vision side:
-    ``embed_image`` -> (edit tokens) -> ``encode_image_tokens``. Widths and depths
-    are attributes read from the model.
+    **Text tower.** ``tokenize`` / ``tokenize_words`` -> ``embed_tokens`` -> (edit the
+    embeddings, e.g. write context vectors into slots) -> ``encode_text_embeddings``,
+    which adds positions, runs the blocks (with an optional hook before each, for deep
+    text prompts), and applies the text head: final norm, the state at
+    ``pool_positions(tokens)``, projection (:meth:`text_head`).
+
+    **Image tower** (ViT backbones, ``"vision_transformer" in capabilities``):
+    ``embed_image(images, pre_norm=False)`` gives class + patch tokens with positions
+    *before* the pre-norm (insert tokens here to have them normalised, as MaPLe
+    does); ``vision_pre_norm`` applies it; ``embed_image(images)`` is both steps
+    (insert here to skip the norm, as ProVP and VPT do). ``encode_image_tokens``
+    runs the blocks (hook before each) and the image head (:meth:`image_head`:
+    pooling at the class token, final norm, projection). ``encode_image`` is the
+    whole frozen path and equals the model's own image encoder.
+
+    Widths and depths are attributes read from the model. The backbone is frozen
+    and stays in eval mode whatever its parent module does.
     """
 
     embed_dim: int
@@ -100,116 +129,292 @@ class VisionLanguageBackbone(nn.Module):
     image_std: tuple[float, ...]
     #: ``logit_scale.exp()``, a plain float (frozen).
     logit_scale: float
+    sot_id: int
+    eot_id: int
+    #: What this backbone offers beyond features: ``"vision_transformer"`` when the
+    #: image tower is a ViT whose tokens and blocks are reachable (visual prompts).
+    capabilities: frozenset[str] = frozenset()
+    #: A short description for messages, e.g. ``"ViT-B-16 (open_clip)"``.
+    description: str = ""
 
+    # ------------------------------------------------------------------ text
     def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """Token ids ``[N, context_length]`` with start/end tokens, zero-padded."""
         raise NotImplementedError
 
     def tokenize_words(self, text: str) -> list[int]:
         """BPE ids of ``text`` without start/end tokens."""
         raise NotImplementedError
 
-    sot_id: int
-    eot_id: int
-
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Frozen token embeddings ``[..., text_width]`` of ``tokens``."""
         raise NotImplementedError
 
     #: ``[context_length, text_width]`` text positional embedding.
     positional_embedding: torch.Tensor
 
+    def pool_positions(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The text pooling rule: index ``[N]`` of the token whose final state is the
+        text feature of each sequence (e.g. the end token for CLIP)."""
+        raise NotImplementedError
+
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Frozen text features ``[N, embed_dim]`` of token ids (not normalised)."""
         raise NotImplementedError
 
     def encode_text_embeddings(
         self,
         embeddings: torch.Tensor,
         tokens: torch.Tensor,
-        block_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+        block_hook: BlockHook | None = None,
         add_positional: bool = True,
     ) -> torch.Tensor:
+        """Text features ``[N, embed_dim]`` from token embeddings ``[N, L, text_width]``.
+
+        ``tokens`` ``[N, L]`` are the ids the embeddings stand for; they decide the
+        pooled position. ``block_hook(l, x)`` is called before block ``l`` and may
+        replace token states but must keep the shape (a different shape raises
+        :class:`ContractError`): pooling reads positions from ``tokens``. The tower is
+        causal, so sequences may be cut after the last pooled position before the
+        blocks run; hooks see that length.
+        """
         raise NotImplementedError
 
+    def text_head(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Final norm, the state at ``pool_positions(tokens)``, projection: ``[N, embed_dim]``."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- vision
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Frozen image features ``[B, embed_dim]`` (not normalised)."""
         raise NotImplementedError
 
-    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
+    def embed_image(self, images: torch.Tensor, pre_norm: bool = True) -> torch.Tensor:
+        """Class token then patch tokens, with positions: ``[B, 1 + P, vision_width]``;
+        after the pre-norm unless ``pre_norm=False``."""
         raise NotImplementedError
 
-    def encode_image_tokens(
-        self,
-        tokens: torch.Tensor,
-        block_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
-    ) -> torch.Tensor:
+    def vision_pre_norm(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The norm applied to the image tokens before the first block."""
         raise NotImplementedError
+
+    def encode_image_tokens(self, tokens: torch.Tensor, block_hook: BlockHook | None = None) -> torch.Tensor:
+        """Run the image blocks on ``tokens`` ``[B, T, vision_width]`` and the image head.
+
+        ``block_hook(l, x)`` is called before block ``l``; it may insert, replace or
+        remove tokens (the sequence length may change) but must keep the class token
+        at index 0, the batch size and the width (a different batch size or width
+        raises :class:`ContractError`).
+        """
+        raise NotImplementedError
+
+    def image_head(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Pooling at the class token, final norm, projection: ``[B, embed_dim]``."""
+        raise NotImplementedError
+
+    def require(self, capability: str, who: str) -> None:
+        """Raise a one-line :class:`~vlprompt_core.errors.UserError` naming ``who``
+        unless this backbone has ``capability``."""
+        from .errors import UserError
+
+        if capability not in self.capabilities:
+            what = {"vision_transformer": "a ViT image tower (visual prompts go into its blocks)"}.get(
+                capability, capability
+            )
+            raise UserError(f"{who} needs {what}; backbone {self.description or type(self).__name__} has none")
 
 
 # -------------------------------------------------------------------------- method
 
 
 @dataclass
+class Batch:
+    """One batch as a method receives it.
+
+    The engine fills in what the method's :attr:`PromptMethod.inputs` ask for:
+    ``images`` (the augmented pixels ``[B, 3, H, W]``) and/or ``image_features``
+    (the frozen backbone's features ``[B, embed_dim]`` of *the same* images,
+    computed once without a graph). ``labels`` ``[B]`` are present in training.
+    """
+
+    images: torch.Tensor | None = None
+    image_features: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        for t in (self.images, self.image_features, self.labels):
+            if t is not None:
+                return t.shape[0]
+        return 0
+
+
+@dataclass
 class MethodOutput:
-    """What a method's forward returns: logits and any extra loss terms."""
+    """What a method's forward returns.
+
+    ``logits`` ``[B, C]`` feed the default loss (cross-entropy) and the default
+    prediction (arg-max). ``losses`` are extra, already weighted loss terms that
+    the default :meth:`PromptMethod.loss` adds; each is logged per epoch by name.
+    ``extras`` carry anything else a method's own ``loss``/``predict`` needs (e.g.
+    per-sample logits of a stochastic method).
+    """
 
     logits: torch.Tensor
-    #: Extra losses, added to the cross-entropy by the engine (already weighted).
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ParamGroup:
+    """Parameters that train with their own settings (see :meth:`PromptMethod.parameter_groups`).
+
+    ``lr_scale`` multiplies the scheduled learning rate; ``weight_decay`` (when not
+    ``None``) replaces the run's weight decay for these parameters.
+    """
+
+    params: list[nn.Parameter]
+    lr_scale: float = 1.0
+    weight_decay: float | None = None
+
+
+INPUTS = ("images", "image_features")
 
 
 class PromptMethod(nn.Module):
     """A prompt-learning method: trainable prompts around a frozen backbone.
 
-    Subclasses set :attr:`modality` and implement :meth:`set_classes` and
-    :meth:`forward`. Parameters that require grad are exactly what the engine
-    trains and checkpoints; the backbone is frozen before the method is built.
+    Implement :meth:`__init__` (build parameters, then call :meth:`set_classes`),
+    :meth:`set_classes` and :meth:`forward`. Parameters that require grad are
+    exactly what the engine trains and checkpoints; the backbone is frozen before
+    the method is built, and its weights must stay bit-identical.
+
+    Optional hooks, each with a default: :meth:`parameter_groups`, :meth:`loss`,
+    :meth:`predict`, :meth:`on_epoch_end`. :meth:`cached` keeps image-independent
+    results (e.g. static prompt features) for the length of an evaluation.
     """
 
-    #: Which tower the method prompts. ``"text"``: the image tower is untouched,
-    #: so the engine passes frozen image features instead of images (and may cache
-    #: them). ``"vision"`` / ``"both"``: the method receives images.
-    modality: ClassVar[Literal["text", "vision", "both"]] = "text"
+    #: What :class:`Batch` holds for this method: ``"image_features"`` (the image
+    #: tower is not prompted: the engine computes frozen features once, without a
+    #: graph, and caches them at evaluation), ``"images"`` (the method runs the
+    #: image tower itself, e.g. with visual prompts), or both (e.g. a prompted image
+    #: feature regularised towards the frozen one of the same augmented image).
+    inputs: ClassVar[tuple[str, ...]] = ("image_features",)
+    #: Backbone capabilities the method needs (checked before anything trains), e.g.
+    #: ``("vision_transformer",)`` for visual prompts.
+    requires: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, backbone: VisionLanguageBackbone, classes: ClassSet, options: Options):
         super().__init__()
         self.backbone = backbone
         self.options = options
+        self._cache: dict[str, Any] = {}
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        bad = set(cls.inputs) - set(INPUTS)
+        if not cls.inputs or bad:
+            raise TypeError(f"{cls.__name__}.inputs must be a non-empty subset of {INPUTS}, got {cls.inputs}")
+        if "set_classes" in cls.__dict__:  # a new class set never sees the old one's cache
+            own = cls.__dict__["set_classes"]
+
+            @functools.wraps(own)
+            def set_classes(self, classes, _own=own):
+                self._cache.clear()
+                return _own(self, classes)
+
+            cls.set_classes = set_classes
+
+    # ------------------------------------------------------------- required
     def set_classes(self, classes: ClassSet) -> None:
-        """Rebuild class-dependent state, e.g. to score novel classes."""
+        """Rebuild class-dependent state for ``classes`` (novel classes, transfer
+        targets). A method that cannot score other classes raises a one-line
+        :class:`~vlprompt_core.errors.UserError` saying why."""
         raise NotImplementedError
 
-    def forward(
-        self, images: torch.Tensor | None = None, image_features: torch.Tensor | None = None
-    ) -> MethodOutput:
+    def forward(self, batch: Batch) -> MethodOutput:
+        """Scores of ``batch`` against the current classes."""
         raise NotImplementedError
+
+    # ------------------------------------------------------- optional hooks
+    def parameter_groups(self) -> list[ParamGroup]:
+        """How the trainable parameters are optimised. Default: one group, the run's
+        settings. Every trainable parameter must be in exactly one group."""
+        return [ParamGroup([p for p in self.parameters() if p.requires_grad])]
+
+    def loss(self, output: MethodOutput, batch: Batch) -> torch.Tensor:
+        """The training loss. Default: cross-entropy of ``output.logits`` against
+        ``batch.labels`` plus every term in ``output.losses``."""
+        loss = F.cross_entropy(output.logits.float(), batch.labels)
+        for extra in output.losses.values():
+            loss = loss + extra.float()
+        return loss
+
+    def predict(self, output: MethodOutput) -> torch.Tensor:
+        """Class scores ``[B, C]`` whose arg-max is the prediction. Default: the logits."""
+        return output.logits
+
+    def on_epoch_end(self, epoch: int, epochs: int) -> None:
+        """Called after each training epoch (0-based ``epoch`` of ``epochs``), after the
+        optimiser's last step of the epoch. Default: nothing."""
+
+    # --------------------------------------------------------------- helpers
+    def cached(self, key: str, compute: Callable[[], Any]) -> Any:
+        """``compute()`` in training mode; in eval mode computed once and kept until
+        the next :meth:`train` or :meth:`set_classes` (e.g. static text features,
+        once per evaluation instead of once per test batch)."""
+        if self.training:
+            return compute()
+        if key not in self._cache:
+            value = compute()
+            self._cache[key] = value.detach() if isinstance(value, torch.Tensor) else value
+        return self._cache[key]
+
+    def train(self, mode: bool = True):
+        self._cache.clear()
+        return super().train(mode)
 
 
 # ------------------------------------------------------------------- registrations
 
 
 @dataclass(frozen=True)
-class BackbonePlugin:
+class BackboneEntry:
+    """A backbone: its options model and a builder.
+
+    ``check(options)`` (optional) returns one line per problem it finds without
+    loading weights (unknown model name, missing checkpoint file...); it runs for
+    ``vlprompt validate`` and before every run.
+    """
+
     name: str
     options: type[Options]
     build: Callable[[Any], VisionLanguageBackbone]
     description: str = ""
+    check: Callable[[Any], list[str]] | None = None
 
 
 @dataclass(frozen=True)
-class MethodPlugin:
-    """A method: its options model and the module class built from them."""
+class MethodEntry:
+    """A method: its options model, the module class built from them, and its
+    training recipe (:class:`~vlprompt_core.recipes.Recipe`, as the authors trained it)."""
 
     name: str
     options: type[Options]
     build: Callable[[VisionLanguageBackbone, ClassSet, Any], PromptMethod]
     description: str = ""
+    recipe: Recipe | None = None
 
 
 @dataclass(frozen=True)
-class DatasetPlugin:
+class DatasetEntry:
+    """A dataset: options model and loader; ``check(options)`` (optional) lists
+    problems found cheaply (missing folders, unreadable split files)."""
+
     name: str
     options: type[Options]
     load: Callable[[Any], DatasetSplits]
     description: str = ""
+    check: Callable[[Any], list[str]] | None = None
 
 
 @dataclass
@@ -223,7 +428,7 @@ class ProtocolContext:
 
 
 @dataclass(frozen=True)
-class ProtocolPlugin:
+class ProtocolEntry:
     """A protocol: plans what trains and what is scored, and summarises scores.
 
     ``summarize`` maps ``{eval set name: accuracy}`` to the headline metrics

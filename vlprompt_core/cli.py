@@ -1,4 +1,4 @@
-"""``vlprompt``: run, validate, list, schema."""
+"""``vlprompt``: run, eval, validate, list, schema."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
@@ -35,31 +36,36 @@ def _registry():
     return reg
 
 
-@app.command()
-def run(spec: Path = typer.Argument(..., help="run spec (YAML)"),
-        output: Path = typer.Option(None, "--output", "-o", help="results folder (overrides the spec)")):
-    """Train and evaluate what SPEC describes; write results.json and print the table."""
-    from .engine import Engine
-    from .engine import Progress as Hooks
-    from .results import results_table
-    from .spec import load_spec
+def _prepare(spec: Path, output: Path | None):
+    """Load, validate and check a spec (everything that can be told before running)."""
+    from .spec import check_spec, load_spec
+
+    reg = _registry()
+    run_spec = load_spec(spec, reg)
+    if output is not None:
+        run_spec.output = output
+    check_spec(run_spec, reg, str(spec))
+    return reg, run_spec
+
+
+def _execute(spec: Path, output: Path | None, checkpoints_from: Path | None = None):
+    from .engine import Engine, ProgressReporter
+    from .results import results_table, settings_table
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        reg = _registry()
-        run_spec = load_spec(spec, reg)
-        if output is not None:
-            run_spec.output = output
+        reg, run_spec = _prepare(spec, output)
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), TimeRemainingColumn()]
         with Progress(*columns, console=err, transient=True) as bars:
-            hooks = Hooks(
+            reporter = ProgressReporter(
                 start=lambda desc, total: bars.add_task(desc, total=total),
                 advance=lambda task, n=1: bars.advance(task, n),
                 stop=lambda task: bars.remove_task(task),
             )
-            engine = Engine(run_spec, reg, hooks, log=lambda m: err.print(m, highlight=False))
-            record = engine.run()
+            engine = Engine(run_spec, reg, reporter, log=lambda m: err.print(m, highlight=False))
+            err.print(settings_table(engine.methods))
+            record = engine.run(checkpoints_from=checkpoints_from)
     except UserError as exc:
         _fail(exc)
     out.print(results_table(record["summary"], engine.title()))
@@ -67,14 +73,48 @@ def run(spec: Path = typer.Argument(..., help="run spec (YAML)"),
 
 
 @app.command()
-def validate(spec: Path = typer.Argument(..., help="run spec (YAML)")):
-    """Check SPEC without running it: one line per problem, exit code 2 if any."""
+def run(spec: Path = typer.Argument(..., help="run spec (YAML)"),
+        output: Path = typer.Option(None, "--output", "-o", help="results folder (overrides the spec)")):
+    """Train and evaluate what SPEC describes; write results.json and print the table.
+
+    Pairs (method, seed) already in the results folder with the same settings are skipped."""
+    _execute(spec, output)
+
+
+@app.command("eval")
+def eval_(spec: Path = typer.Argument(..., help="run spec (YAML)"),
+          checkpoints: Path = typer.Option(None, "--from", help="results folder whose trained prompts are "
+                                           "scored (default: the spec's own output folder)"),
+          output: Path = typer.Option(None, "--output", "-o", help="results folder (overrides the spec)")):
+    """Score prompts trained earlier, without training: the protocol, targets and
+    classes are SPEC's, the prompts those trained under the same method labels and
+    seeds in the --from folder. Results go to the spec's output folder, or to
+    <folder>/eval when that is the --from folder itself."""
     from .spec import load_spec
 
     try:
-        load_spec(spec, _registry())
+        own = Path(load_spec(spec, _registry()).output)
     except UserError as exc:
         _fail(exc)
+    checkpoints = checkpoints or own
+    if output is None and checkpoints.resolve() == own.resolve():
+        output = own / "eval"
+    _execute(spec, output, checkpoints_from=checkpoints)
+
+
+@app.command()
+def validate(spec: Path = typer.Argument(..., help="run spec (YAML)")):
+    """Check SPEC without running it: one line per problem, exit code 2 if any;
+    then show each method's resolved settings."""
+    from .spec import resolve_methods
+    from .results import settings_table
+
+    try:
+        reg, run_spec = _prepare(spec, None)
+        methods = resolve_methods(run_spec, reg)
+    except UserError as exc:
+        _fail(exc)
+    out.print(settings_table(methods))
     out.print(f"{spec}: ok", highlight=False)
 
 
@@ -96,11 +136,15 @@ def list_(as_json: bool = typer.Option(False, "--json", help="machine-readable o
     if as_json:
         out.print_json(json.dumps({"registered": rows, "failed": failures}))
         return
-    table = Table(title="vlprompt plug-ins")
-    for col in ("kind", "name", "distribution", "version", "description"):
-        table.add_column(col, no_wrap=col != "description")
-    for r in rows:
-        table.add_row(r["kind"], r["name"], r["distribution"], r["version"], r["description"])
+    table = Table(title="vlprompt plug-ins", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("name", no_wrap=True)
+    table.add_column("from", no_wrap=True)
+    table.add_column("description", min_width=20)
+    for kind in KINDS:
+        table.add_row(f"[bold]{kind}s[/bold]", "", "")
+        for r in (r for r in rows if r["kind"] == kind):
+            origin = "built-in" if r["distribution"] == "vlprompt" else f"{r['distribution']} {r['version']}"
+            table.add_row(f"  {r['name']}", origin, r["description"])
     out.print(table)
     for f in reg.failures:
         out.print(f"[red]failed:[/red] {f.entry_point} ({f.distribution}): {f.error}", highlight=False)

@@ -1,9 +1,14 @@
 """Training and evaluation: the only place that knows how a run proceeds.
 
 For each seed the protocol makes a plan (what trains, what is scored); each method
-is built on the frozen backbone, trained (only its own parameters), checkpointed
-and scored. ``results.json`` is rewritten after every (method, seed), so a crash
-loses at most the pair in flight, and a rerun resumes where it stopped.
+section, with its settings resolved (spec > recipe > defaults), is built on the
+frozen backbone, trained (only its own parameters), checkpointed and scored.
+
+Results are keyed by (method section, seed): ``results.json`` is rewritten after
+every pair, so a crash loses at most the pair in flight, and a rerun skips every
+pair whose settings are unchanged, e.g. after one more plug-in is installed under
+``method: all`` only the new method trains. Results, checkpoints and few-shot
+samples of other settings are moved aside, never overwritten.
 """
 
 from __future__ import annotations
@@ -13,23 +18,25 @@ import hashlib
 import json
 import math
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .api import EvalSet, Item, PromptMethod, ProtocolContext
+from .api import Batch, ContractError, EvalSet, Item, ParamGroup, PromptMethod, ProtocolContext
 from .data import ImageDataset, test_transform, train_transform
 from .errors import UserError
 from .plugins import Registry
+from .recipes import ResolvedMethod
 from .results import aggregate, atomic_write_json, markdown_table, package_versions
-from .spec import TrainSpec, train_for
+from .spec import TrainSpec, resolve_methods
 
 
 def set_seed(seed: int) -> None:
@@ -38,16 +45,16 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def lr_at(epoch: int, train: TrainSpec) -> float:
+def lr_at(epoch: int, settings: TrainSpec) -> float:
     """The reference schedule: ``warmup_epochs`` at ``warmup_lr``, then cosine from
     ``lr`` with ``T_max = epochs``, stepped once per epoch (so the first epoch after
     warm-up runs at the full ``lr`` and the last one not at zero)."""
-    if epoch < train.warmup_epochs:
-        return train.warmup_lr
-    if train.schedule == "constant":
-        return train.lr
-    t = epoch - train.warmup_epochs
-    return train.lr * (1 + math.cos(math.pi * t / train.epochs)) / 2
+    if epoch < settings.warmup_epochs:
+        return settings.warmup_lr
+    if settings.schedule == "constant":
+        return settings.lr
+    t = epoch - settings.warmup_epochs
+    return settings.lr * (1 + math.cos(math.pi * t / settings.epochs)) / 2
 
 
 def resolve_device(name: str) -> torch.device:
@@ -72,134 +79,128 @@ def trainable_parameters(method: torch.nn.Module) -> dict[str, torch.nn.Paramete
     return {n: p for n, p in method.named_parameters() if p.requires_grad}
 
 
-def make_optimizer(params, train: TrainSpec) -> torch.optim.Optimizer:
-    if train.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
-    return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+def optimizer_groups(method: PromptMethod) -> list[ParamGroup]:
+    """The method's parameter groups, checked: every trainable parameter exactly once."""
+    groups = method.parameter_groups()
+    trainable = {id(p): n for n, p in trainable_parameters(method).items()}
+    seen: dict[int, int] = {}
+    for g in groups:
+        for p in g.params:
+            if id(p) not in trainable:
+                raise ContractError(f"{type(method).__name__}.parameter_groups() holds a parameter that does not train")
+            seen[id(p)] = seen.get(id(p), 0) + 1
+    missing = [n for i, n in trainable.items() if i not in seen]
+    twice = [trainable[i] for i, k in seen.items() if k > 1]
+    if missing or twice:
+        raise ContractError(
+            f"{type(method).__name__}.parameter_groups() must hold every trainable parameter once "
+            f"(missing: {missing}, more than once: {twice})"
+        )
+    return groups
+
+
+def make_optimizer(groups: list[ParamGroup], settings: TrainSpec) -> torch.optim.Optimizer:
+    params = [
+        {"params": g.params, "lr_scale": g.lr_scale,
+         "weight_decay": settings.weight_decay if g.weight_decay is None else g.weight_decay}
+        for g in groups
+    ]
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
 
 
 @dataclass
-class Progress:
-    """What the engine reports while it works (the CLI draws bars from it)."""
+class ProgressReporter:
+    """How the engine reports long work (the CLI draws progress bars from it)."""
 
     start: Callable[[str, int], Any] = lambda desc, total: None
     advance: Callable[[Any, int], None] = lambda task, n=1: None
     stop: Callable[[Any], None] = lambda task: None
 
 
-def _loader(items: list[Item], transform, batch_size: int, train: TrainSpec, shuffle: bool, seed: int = 0):
+def _loader(items: list[Item], transform, batch_size: int, settings: TrainSpec, shuffle: bool, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(
         ImageDataset(items, transform),
         batch_size=batch_size,
         shuffle=shuffle,
         drop_last=shuffle and len(items) >= batch_size,
-        num_workers=train.num_workers,
+        num_workers=settings.num_workers,
         generator=gen,
     )
 
 
+def _file_label(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.#+-]", "_", label)
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def save_checkpoint(method: PromptMethod, path: Path, metadata: dict[str, str]) -> None:
+    """The trainable parameters (fp32, safetensors) with what they were trained as."""
+    tensors = {n: p.detach().cpu().contiguous() for n, p in trainable_parameters(method).items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+
+
+def load_checkpoint(method: PromptMethod, path: Path, expect: dict[str, str]) -> None:
+    """Load trained parameters into ``method``, checking that they belong to it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError) as exc:
+        raise UserError(f"{path}: not a readable checkpoint ({exc})") from None
+    for key in ("method", "options"):
+        if key in meta and meta[key] != expect[key]:
+            raise UserError(f"{path}: trained as {key} {meta[key]}, the spec has {expect[key]}")
+    params = trainable_parameters(method)
+    if set(tensors) != set(params):
+        raise UserError(f"{path}: holds {sorted(tensors)}, the method trains {sorted(params)}")
+    for name, p in params.items():
+        if tensors[name].shape != p.shape:
+            raise UserError(f"{path}: {name} is {list(tensors[name].shape)}, the method has {list(p.shape)}")
+        with torch.no_grad():
+            p.copy_(tensors[name].to(p.device, p.dtype))
+
+
 @dataclass
 class Engine:
-    """Runs one validated spec."""
+    """Runs one validated spec (checked with :func:`~vlprompt_core.spec.check_spec`)."""
 
     spec: Any
     registry: Registry
-    progress: Progress = field(default_factory=Progress)
+    progress: ProgressReporter = field(default_factory=ProgressReporter)
     log: Callable[[str], None] = lambda msg: None
 
     def __post_init__(self):
         self.output = Path(self.spec.output)
         self.results_path = self.output / "results.json"
         self.device = resolve_device(self.spec.train.device)
+        self.methods: list[ResolvedMethod] = resolve_methods(self.spec, self.registry)
         self._features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._datasets: dict[str, Any] = {}
 
     # ----------------------------------------------------------------- setup
     def spec_hash(self) -> str:
         dumped = self.spec.model_dump(mode="json", exclude={"output"})
-        return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:16]
+        return _sha(json.dumps(dumped, sort_keys=True).encode())[:16]
 
     def load_dataset(self, section):
         key = section.model_dump_json()
         if key not in self._datasets:
-            plugin = self.registry.get("dataset", section.name)
-            self._datasets[key] = plugin.load(section)
+            self._datasets[key] = self.registry.get("dataset", section.name).load(section)
         return self._datasets[key]
 
     def method_labels(self) -> list[str]:
-        labels, seen = [], {}
-        for m in self.spec.method:
-            base = m.label or m.name
-            seen[base] = seen.get(base, 0) + 1
-            labels.append(base if seen[base] == 1 else f"{base}#{seen[base]}")
-        return labels
-
-    def _previous_runs(self) -> list[dict]:
-        """Finished (method, seed) pairs of an earlier run of the same spec. Results of
-        a different spec in the same folder are moved aside, never overwritten."""
-        if not self.results_path.is_file():
-            return []
-        try:
-            old = json.loads(self.results_path.read_text())
-        except json.JSONDecodeError:
-            old = {}
-        if old.get("spec_hash") == self.spec_hash():
-            return old.get("runs", [])
-        aside = self.results_path.with_name(f"results.{old.get('spec_hash', 'unreadable')}.json")
-        self.results_path.replace(aside)
-        self.log(f"{self.results_path} held results of another spec: moved to {aside.name}")
-        return []
-
-    # ------------------------------------------------------------------- run
-    def run(self) -> dict:
-        spec = self.spec
-        t0 = time.perf_counter()
-        self.output.mkdir(parents=True, exist_ok=True)
-        hook = self.registry.hook
-        hook.vlprompt_run_start(spec=spec.model_dump(mode="json"), output_dir=str(self.output))
-        runs = self._previous_runs()
-        done = {(r["method"], r["seed"]) for r in runs}
-        record = {
-            "vlprompt": __version__,
-            "status": "running",
-            "spec": spec.model_dump(mode="json"),
-            "spec_hash": self.spec_hash(),
-            "versions": package_versions(self._plugin_distributions()),
-            "device": str(self.device),
-            "runs": runs,
-        }
-        atomic_write_json(self.results_path, record)
-
-        timings: dict[str, float] = {}
-        tb = time.perf_counter()
-        set_seed(spec.train.seeds[0])  # random-weight backbones (tests) are reproducible too
-        backbone = self.registry.get("backbone", spec.backbone.name).build(spec.backbone).to(self.device)
-        timings["backbone"] = time.perf_counter() - tb
-        td = time.perf_counter()
-        dataset = self.load_dataset(spec.dataset)
-        protocol = self.registry.get("protocol", spec.protocol.name)
-        timings["dataset"] = time.perf_counter() - td
-
-        labels = self.method_labels()
-        for seed in spec.train.seeds:
-            plan = protocol.plan(spec.protocol, ProtocolContext(dataset, seed, self.load_dataset))
-            atomic_write_json(self.output / "fewshot" / f"seed{seed}.json", plan.record)
-            for label, section in zip(labels, spec.method):
-                if (label, seed) in done:
-                    self.log(f"{label} seed {seed}: already in {self.results_path}, skipped")
-                    continue
-                result = self.run_one(label, section, seed, backbone, plan)
-                result["summary"] = protocol.summarize(spec.protocol, result["accuracy"])
-                runs.append(result)
-                atomic_write_json(self.results_path, record)
-                hook.vlprompt_evaluation_done(method=label, seed=seed, results=result)
-
-        timings["total"] = time.perf_counter() - t0
-        record.update(status="complete", summary=aggregate(runs), time_s=timings)
-        atomic_write_json(self.results_path, record)
-        (self.output / "results.md").write_text(markdown_table(record["summary"], self.title()))
-        return record
+        return [m.label for m in self.methods]
 
     def title(self) -> str:
         s = self.spec
@@ -208,27 +209,159 @@ class Engine:
     def _plugin_distributions(self) -> list[str]:
         return sorted({s.distribution for s in self.registry.sources.values() if s.distribution not in ("vlprompt", "?")})
 
-    def run_one(self, label: str, section, seed: int, backbone, plan) -> dict:
-        train = train_for(self.spec, section)
-        plugin = self.registry.get("method", section.name)
+    def _previous_runs(self, wanted: set[tuple[str, int]]) -> list[dict]:
+        """Finished (method, seed) pairs of earlier runs in this folder whose settings
+        are those of this spec. If the file holds any other result, it is moved aside
+        (``results.<hash>.json``), never overwritten."""
+        if not self.results_path.is_file():
+            return []
+        try:
+            old = json.loads(self.results_path.read_text())
+            runs = old.get("runs", [])
+        except (json.JSONDecodeError, AttributeError):
+            old, runs = {}, None
+        reused = [r for r in runs or [] if (r.get("key"), r.get("seed")) in wanted]
+        if runs is None or len(reused) < len(runs):
+            tag = old.get("spec_hash") if isinstance(old, dict) and old.get("spec_hash") else "unreadable"
+            aside = self.results_path.with_name(f"results.{tag}.json")
+            if aside.exists():
+                aside = aside.with_name(f"results.{tag}.{int(time.time())}.json")
+            self.results_path.replace(aside)
+            self.log(f"{self.results_path} held results of other settings: moved to {aside.name}")
+        return reused
+
+    def _save_sample(self, seed: int, sample: dict) -> None:
+        """``fewshot/seed<N>.json``; a different sample already there is moved aside."""
+        path = self.output / "fewshot" / f"seed{seed}.json"
+        if path.is_file():
+            old = path.read_bytes()
+            if json.loads(old) == json.loads(json.dumps(sample)):
+                return
+            path.replace(path.with_name(f"seed{seed}.{_sha(old)[:8]}.json"))
+        atomic_write_json(path, sample)
+
+    # ------------------------------------------------------------------- run
+    def run(self, checkpoints_from: Path | None = None) -> dict:
+        """Train and score every (method, seed) pair not already done; with
+        ``checkpoints_from`` (a results folder), score the prompts trained there instead
+        of training (``vlprompt eval``)."""
+        spec = self.spec
+        t0 = time.perf_counter()
+        timings: dict[str, float] = {}
+        hook = self.registry.hook
+
+        tb = time.perf_counter()
+        set_seed(spec.train.seeds[0])  # random-weight backbones (tests) are reproducible too
+        backbone = self.registry.get("backbone", spec.backbone.name).build(spec.backbone).to(self.device)
+        for m in self.methods:
+            for capability in getattr(self.registry.get("method", m.name).build, "requires", ()):
+                backbone.require(capability, f"method {m.label!r} ({m.name})")
+        timings["backbone"] = time.perf_counter() - tb
+        td = time.perf_counter()
+        dataset = self.load_dataset(spec.dataset)
+        protocol = self.registry.get("protocol", spec.protocol.name)
+        timings["dataset"] = time.perf_counter() - td
+
+        sources = self._checkpoint_sources(checkpoints_from) if checkpoints_from is not None else None
+        wanted = {(self._run_key(m, s, sources), s) for m in self.methods for s in spec.train.seeds}
+        self.output.mkdir(parents=True, exist_ok=True)
+        runs = self._previous_runs(wanted)
+        done = {(r["key"], r["seed"]) for r in runs}
+        record = {
+            "vlprompt": __version__,
+            "status": "running",
+            "spec": spec.model_dump(mode="json"),
+            "spec_hash": self.spec_hash(),
+            "methods": {m.label: m.describe() for m in self.methods},
+            "versions": package_versions(self._plugin_distributions()),
+            "device": str(self.device),
+            "runs": runs,
+        }
+        if checkpoints_from is not None:
+            record["checkpoints_from"] = str(checkpoints_from)
+        atomic_write_json(self.results_path, record)
+        hook.vlprompt_run_start(spec=record["spec"], output_dir=str(self.output))
+
+        for seed in spec.train.seeds:
+            plan = protocol.plan(spec.protocol, ProtocolContext(dataset, seed, self.load_dataset))
+            self._save_sample(seed, plan.sample)
+            for m in self.methods:
+                key = self._run_key(m, seed, sources)
+                if (key, seed) in done:
+                    self.log(f"{m.label} seed {seed}: already in {self.results_path}, skipped")
+                    for r in runs:  # the label may have changed since
+                        if (r["key"], r["seed"]) == (key, seed):
+                            r["method"] = m.label
+                    continue
+                source = sources.get((m.label, seed)) if sources is not None else None
+                result = self.run_one(m, seed, backbone, plan, key, source, scoring_only=sources is not None)
+                result["summary"] = protocol.summarize(spec.protocol, result["accuracy"])
+                runs.append(result)
+                atomic_write_json(self.results_path, record)
+                hook.vlprompt_evaluation_done(method=m.label, seed=seed, results=result)
+
+        order = {m.label: i for i, m in enumerate(self.methods)}
+        runs.sort(key=lambda r: (order.get(r["method"], len(order)), r["seed"]))
+        timings["total"] = time.perf_counter() - t0
+        record.update(status="complete", summary=aggregate(runs), time_s=timings)
+        atomic_write_json(self.results_path, record)
+        (self.output / "results.md").write_text(markdown_table(record["summary"], self.title()))
+        hook.vlprompt_run_end(results=record, output_dir=str(self.output))
+        return record
+
+    def _run_key(self, m: ResolvedMethod, seed: int, sources: dict | None) -> str:
+        """Trained pairs are keyed by their settings; scored-only pairs also by the checkpoint."""
+        if sources is None or (m.label, seed) not in sources:
+            return m.key
+        return _sha(f"{m.key}:{sources[(m.label, seed)][1]}".encode())[:12]
+
+    def _checkpoint_sources(self, folder: Path) -> dict[tuple[str, int], tuple[Path, str]]:
+        """``(label, seed) -> (checkpoint, its sha256)`` from the results in ``folder``."""
+        path = Path(folder) / "results.json"
+        try:
+            old = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise UserError(f"{path}: no results to take checkpoints from (train with 'vlprompt run' first)") from None
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}: not valid JSON ({exc.msg})") from None
+        found = {}
+        for r in old.get("runs", []):
+            if r.get("checkpoint"):
+                ckpt = Path(folder) / r["checkpoint"]
+                if ckpt.is_file():
+                    found[(r["method"], r["seed"])] = (ckpt, _sha(ckpt.read_bytes()))
+        return found
+
+    def run_one(self, m: ResolvedMethod, seed: int, backbone, plan, key: str, source=None,
+                scoring_only: bool = False) -> dict:
+        settings = m.train
+        entry = self.registry.get("method", m.name)
         set_seed(seed)
         tb = time.perf_counter()
-        method: PromptMethod = plugin.build(backbone, plan.classes, section).to(self.device)
+        method: PromptMethod = entry.build(backbone, plan.classes, m.options).to(self.device)
         times = {"build": time.perf_counter() - tb}
         params = trainable_parameters(method)
+        metadata = {"method": m.name, "options": json.dumps(m.describe()["options"], sort_keys=True),
+                    "key": m.key, "label": m.label, "seed": str(seed)}
         epochs_log: list[dict] = []
         checkpoint = None
         tt = time.perf_counter()
-        if params and train.epochs > 0:
-            checkpoint = self.output / "checkpoints" / f"{label}-seed{seed}.safetensors"
-            checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            epochs_log = self.train(label, seed, method, plan, train, checkpoint)
+        if scoring_only and params:
+            if source is None:
+                raise UserError(f"{m.label} seed {seed}: no trained checkpoint for it in the results folder given")
+            load_checkpoint(method, source[0], metadata)
+            self.log(f"{m.label} seed {seed}: scoring the prompts of {source[0]}")
+        elif params and settings.epochs > 0:
+            checkpoint = Path("checkpoints") / f"{_file_label(m.label)}-seed{seed}-{m.key}.safetensors"
+            epochs_log = self.fit(m.label, seed, method, plan, settings, self.output / checkpoint, metadata)
         times["train"] = time.perf_counter() - tt
         te = time.perf_counter()
-        accuracy = {e.name: self.evaluate(label, method, e, train) for e in plan.evals}
+        accuracy = {e.name: self.evaluate(m.label, method, e, settings) for e in plan.evals}
         times["eval"] = time.perf_counter() - te
-        return {
-            "method": label,
+        result = {
+            "method": m.label,
+            "name": m.name,
+            "key": key,
             "seed": seed,
             "accuracy": accuracy,
             "trainable_parameters": sum(p.numel() for p in params.values()),
@@ -236,61 +369,75 @@ class Engine:
             "epochs": epochs_log,
             "time_s": times,
         }
+        if scoring_only and params:
+            result["checkpoint_from"] = str(source[0])
+        return result
 
     # ----------------------------------------------------------------- train
-    def train(self, label, seed, method: PromptMethod, plan, train: TrainSpec, checkpoint: Path) -> list[dict]:
+    def make_batch(self, method: PromptMethod, images: torch.Tensor, labels: torch.Tensor | None) -> Batch:
+        """What ``method.inputs`` ask for; frozen features once, without a graph."""
+        features = None
+        if "image_features" in method.inputs:
+            with torch.no_grad():
+                features = method.backbone.encode_image(images)
+        return Batch(images=images if "images" in method.inputs else None, image_features=features, labels=labels)
+
+    def fit(self, label, seed, method: PromptMethod, plan, settings: TrainSpec, checkpoint: Path,
+            metadata: dict[str, str]) -> list[dict]:
+        """Train ``method`` on the plan's training items; one log entry per epoch."""
         backbone = method.backbone
-        params = trainable_parameters(method)
-        optimizer = make_optimizer(list(params.values()), train)
-        tf = train_transform(backbone.image_size, backbone.image_mean, backbone.image_std, train.crop_scale)
-        loader = _loader(plan.train, tf, train.batch_size, train, shuffle=True, seed=seed)
+        optimizer = make_optimizer(optimizer_groups(method), settings)
+        tf = train_transform(backbone.image_size, backbone.image_mean, backbone.image_std, settings.crop_scale)
+        loader = _loader(plan.train, tf, settings.batch_size, settings, shuffle=True, seed=seed)
         method.set_classes(plan.classes)
         method.train()
         log = []
-        task = self.progress.start(f"{label} seed {seed}: train", train.epochs * len(loader))
-        for epoch in range(train.epochs):
-            lr = lr_at(epoch, train)
+        task = self.progress.start(f"{label} seed {seed}: train", settings.epochs * len(loader))
+        for epoch in range(settings.epochs):
+            lr = lr_at(epoch, settings)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_scale"]
             total, count, correct = 0.0, 0, 0
+            terms: dict[str, float] = {}
             for images, labels in loader:
                 images, labels = images.to(self.device), labels.to(self.device)
-                with autocast(self.device, train.precision):
-                    if method.modality == "text":  # the image tower is untouched: no graph through it
-                        with torch.no_grad():
-                            features = backbone.encode_image(images)
-                        out = method(image_features=features)
-                    else:
-                        out = method(images=images)
-                    loss = F.cross_entropy(out.logits.float(), labels)
-                    for extra in out.losses.values():
-                        loss = loss + extra.float()
+                with autocast(self.device, settings.precision):
+                    batch = self.make_batch(method, images, labels)
+                    out = method(batch)
+                    loss = method.loss(out, batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                total += loss.item() * len(labels)
-                count += len(labels)
-                correct += (out.logits.argmax(-1) == labels).sum().item()
+                n = len(labels)
+                total += loss.item() * n
+                count += n
+                correct += (method.predict(out).argmax(-1) == labels).sum().item()
+                for name, term in out.losses.items():
+                    terms[name] = terms.get(name, 0.0) + float(term.detach()) * n
                 self.progress.advance(task, 1)
-            metrics = {"epoch": epoch, "lr": lr, "loss": total / max(count, 1), "train_acc": 100 * correct / max(count, 1)}
+            method.on_epoch_end(epoch, settings.epochs)
+            metrics = {"epoch": epoch, "lr": lr, "loss": total / max(count, 1),
+                       "train_acc": 100 * correct / max(count, 1)}
+            metrics.update({f"loss.{k}": v / max(count, 1) for k, v in terms.items()})
             log.append(metrics)
-            save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, str(checkpoint))
+            save_checkpoint(method, checkpoint, {**metadata, "epoch": str(epoch)})
             self.registry.hook.vlprompt_epoch_end(method=label, seed=seed, epoch=epoch, metrics=metrics)
         self.progress.stop(task)
         return log
 
     # ------------------------------------------------------------------ eval
     @torch.no_grad()
-    def image_features(self, backbone, eval_set: EvalSet, train: TrainSpec) -> tuple[torch.Tensor, torch.Tensor]:
-        """Frozen image features of an eval split, computed once per run."""
-        key = hashlib.sha1("\n".join(f"{it.path}\t{it.label}" for it in eval_set.items).encode()).hexdigest()
+    def image_features(self, backbone, eval_set: EvalSet, settings: TrainSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen image features of an eval split, computed once per run (per precision)."""
+        items = "\n".join(f"{it.path}\t{it.label}" for it in eval_set.items)
+        key = hashlib.sha1(f"{settings.precision}\n{items}".encode()).hexdigest()
         if key not in self._features:
             tf = test_transform(backbone.image_size, backbone.image_mean, backbone.image_std)
-            loader = _loader(eval_set.items, tf, train.eval_batch_size, train, shuffle=False)
+            loader = _loader(eval_set.items, tf, settings.eval_batch_size, settings, shuffle=False)
             feats, labels = [], []
             task = self.progress.start(f"features: {eval_set.name}", len(loader))
             for images, y in loader:
-                with autocast(self.device, train.precision):
+                with autocast(self.device, settings.precision):
                     feats.append(backbone.encode_image(images.to(self.device)).float())
                 labels.append(y)
                 self.progress.advance(task, 1)
@@ -298,29 +445,40 @@ class Engine:
             self._features[key] = (torch.cat(feats), torch.cat(labels).to(self.device))
         return self._features[key]
 
+    def eval_batches(self, label: str, method: PromptMethod, eval_set: EvalSet, settings: TrainSpec) -> Iterator[Batch]:
+        """The batches ``method`` is scored on: cached frozen features alone, or the
+        test images (with their cached frozen features when the method asks for both)."""
+        bs = settings.eval_batch_size
+        features = None
+        if "image_features" in method.inputs:
+            features, labels = self.image_features(method.backbone, eval_set, settings)
+        if "images" not in method.inputs:
+            for i in range(0, len(labels), bs):
+                yield Batch(image_features=features[i : i + bs], labels=labels[i : i + bs])
+            return
+        backbone = method.backbone
+        tf = test_transform(backbone.image_size, backbone.image_mean, backbone.image_std)
+        loader = _loader(eval_set.items, tf, bs, settings, shuffle=False)
+        task = self.progress.start(f"{label}: eval {eval_set.name}", len(loader))
+        offset = 0
+        for images, y in loader:
+            n = len(y)
+            yield Batch(images=images.to(self.device), labels=y.to(self.device),
+                        image_features=None if features is None else features[offset : offset + n])
+            offset += n
+            self.progress.advance(task, 1)
+        self.progress.stop(task)
+
     @torch.no_grad()
-    def evaluate(self, label: str, method: PromptMethod, eval_set: EvalSet, train: TrainSpec) -> float:
+    def evaluate(self, label: str, method: PromptMethod, eval_set: EvalSet, settings: TrainSpec) -> float:
         """Top-1 accuracy (%) of ``method`` on ``eval_set`` under its own classifier."""
         if not eval_set.items:
             raise UserError(f"{eval_set.name}: the evaluation split is empty")
         method.eval()
         method.set_classes(eval_set.classes)
         correct = 0
-        if method.modality == "text":
-            feats, labels = self.image_features(method.backbone, eval_set, train)
-            for i in range(0, len(labels), train.eval_batch_size):
-                with autocast(self.device, train.precision):
-                    logits = method(image_features=feats[i : i + train.eval_batch_size]).logits
-                correct += (logits.argmax(-1) == labels[i : i + train.eval_batch_size]).sum().item()
-            return 100.0 * correct / len(labels)
-        backbone = method.backbone
-        tf = test_transform(backbone.image_size, backbone.image_mean, backbone.image_std)
-        loader = _loader(eval_set.items, tf, train.eval_batch_size, train, shuffle=False)
-        task = self.progress.start(f"{label}: eval {eval_set.name}", len(loader))
-        for images, labels in loader:
-            with autocast(self.device, train.precision):
-                logits = method(images=images.to(self.device)).logits
-            correct += (logits.argmax(-1).cpu() == labels).sum().item()
-            self.progress.advance(task, 1)
-        self.progress.stop(task)
+        for batch in self.eval_batches(label, method, eval_set, settings):
+            with autocast(self.device, settings.precision):
+                scores = method.predict(method(batch))
+            correct += (scores.argmax(-1) == batch.labels).sum().item()
         return 100.0 * correct / len(eval_set.items)

@@ -1,10 +1,15 @@
 """Finding plug-ins (built-ins and the ``vlprompt`` entry-point group) and keying
-what they register by name."""
+what they register by name.
+
+``$VLPROMPT_DISABLE_PLUGINS`` (comma-separated entry-point names, e.g. ``coop``)
+keeps installed plug-ins from loading; built-ins cannot be disabled.
+"""
 
 from __future__ import annotations
 
 import importlib
 import importlib.metadata as md
+import os
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -51,6 +56,10 @@ class LoadFailure:
     error: str
 
 
+def disabled_plugins() -> set[str]:
+    return {n.strip() for n in os.environ.get("VLPROMPT_DISABLE_PLUGINS", "").split(",") if n.strip()}
+
+
 @dataclass
 class Registry:
     """Everything registered, by kind and name, with where it came from."""
@@ -83,8 +92,11 @@ def _dist_of(ep: md.EntryPoint) -> tuple[str, str]:
     return dist.metadata["Name"], dist.version
 
 
-def make_plugin_manager(entry_points: bool = True) -> tuple[pluggy.PluginManager, list[LoadFailure], dict[str, Source]]:
-    """A plugin manager with the built-ins and (optionally) every entry point.
+def make_plugin_manager(
+    entry_points: bool = True, extra: tuple[tuple[str, Any], ...] = ()
+) -> tuple[pluggy.PluginManager, list[LoadFailure], dict[str, Source]]:
+    """A plugin manager with the built-ins, (optionally) every entry point, and
+    ``extra`` ``(name, plugin object)`` pairs (tests register toy plug-ins this way).
 
     An entry point that fails to import is recorded, not raised, so one broken
     plug-in never takes the others down.
@@ -95,7 +107,12 @@ def make_plugin_manager(entry_points: bool = True) -> tuple[pluggy.PluginManager
     for modname in BUILTIN_PLUGINS:
         pm.register(importlib.import_module(modname), name=modname)
         sources[modname] = Source(modname, "vlprompt", __version__)
+    for name in disabled_plugins():
+        pm.set_blocked(name)
     failures: list[LoadFailure] = []
+    for name, plugin in extra:
+        pm.register(plugin, name=name)
+        sources[name] = Source(name, "(registered in-process)", "-")
     if entry_points:
         for ep in md.entry_points(group=ENTRY_POINT_GROUP):
             dist, version = _dist_of(ep)
@@ -123,6 +140,10 @@ def build_registry(pm: pluggy.PluginManager, failures: list[LoadFailure], source
                 reg.failures.append(LoadFailure(impl.plugin_name, source.distribution, f"{hookname}: {type(exc).__name__}: {exc}"))
                 continue
             for entry in registered:
+                problem = _entry_problem(kind, entry)
+                if problem:
+                    reg.failures.append(LoadFailure(impl.plugin_name, source.distribution, f"{hookname}: {problem}"))
+                    continue
                 previous = reg.sources.get((kind, entry.name))
                 if previous is not None:
                     raise UserError(
@@ -132,6 +153,19 @@ def build_registry(pm: pluggy.PluginManager, failures: list[LoadFailure], source
                 reg.entries[kind][entry.name] = entry
                 reg.sources[(kind, entry.name)] = source
     return reg
+
+
+def _entry_problem(kind: str, entry: Any) -> str | None:
+    """Why a registered entry cannot be used (a fault of its plug-in), or None."""
+    if kind != "method" or entry.recipe is None:
+        return None
+    from .recipes import check_recipe
+
+    try:
+        check_recipe(entry.recipe, entry.options, entry.name)
+    except UserError as exc:
+        return "; ".join(exc.problems)
+    return None
 
 
 _REGISTRY: Registry | None = None

@@ -80,3 +80,22 @@ def results_table(summary: dict[str, dict[str, dict[str, float]]], title: str) -
     n = max((row[m]["n"] for row in summary.values() for m in row), default=0)
     table.caption = f"accuracy (%), mean ± std over {n} seed(s)" if n > 1 else "accuracy (%)"
     return table
+
+
+#: The train settings shown per method before a run (all are stored in results.json).
+SHOWN_SETTINGS = ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "precision")
+
+
+def settings_table(methods) -> Table:
+    """Each method's resolved settings; ``*`` marks values from the method's recipe."""
+    table = Table(title="settings: spec > method recipe (*) > defaults", title_justify="left",
+                  show_header=False, box=None, padding=(0, 2, 0, 0))
+    table.add_column("method", style="bold", no_wrap=True)
+    table.add_column("settings")
+    for m in methods:
+        mark = lambda key: "*" if m.sources.get(key) == "recipe" else ""  # noqa: E731
+        train = ", ".join(f"{n} {getattr(m.train, n)}{mark('train.' + n)}" for n in SHOWN_SETTINGS)
+        chosen = [k for k, v in m.sources.items() if not k.startswith("train.") and v != "default"]
+        options = ", ".join(f"{k}={getattr(m.options, k)!r}{mark(k)}" for k in chosen) or "defaults"
+        table.add_row(m.label, f"{train}; options: {options}")
+    return table

@@ -21,7 +21,8 @@ from .plugins import Registry
 
 
 class TrainSpec(BaseModel):
-    """How prompts are trained (defaults: the CoOp reference recipe)."""
+    """How prompts are trained: the ``train:`` section. Its defaults (the CoOp
+    reference recipe) apply to what neither the spec nor a method's recipe sets."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -44,7 +45,6 @@ class TrainSpec(BaseModel):
     seeds: list[int] = Field(default_factory=lambda: [1, 2, 3], min_length=1)
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ...")
     num_workers: int = Field(0, ge=0, description="data-loading worker processes")
-
 
     @field_validator("crop_scale")
     @classmethod
@@ -141,7 +141,7 @@ def build_spec_model(reg: Registry) -> type[BaseModel]:
         method=(
             Annotated[list[method], BeforeValidator(_method_list(reg))],
             Field(min_length=1, description="one method, a list run side by side, or 'all' (every "
-                  "installed method with its default options)"),
+                  "installed method with its own recipe)"),
         ),
         dataset=(dataset, ...),
         protocol=(protocol, ...),
@@ -204,8 +204,55 @@ def load_spec(path: Path, reg: Registry):
     return spec
 
 
-def train_for(spec, method) -> TrainSpec:
-    """The train section with this method's overrides applied."""
-    if method.train is None:
-        return spec.train
-    return spec.train.model_copy(update=method.train.model_dump(exclude_none=True))
+def dataset_sections(spec, reg: Registry) -> list[tuple[str, Any]]:
+    """``(path, section)`` of every dataset section in ``spec``: the trained-on
+    dataset and each protocol option typed ``list[DatasetRef]`` (transfer targets)."""
+    out = [("dataset", spec.dataset)]
+    options = reg.get("protocol", spec.protocol.name).options
+    for fname, field in options.model_fields.items():
+        if typing.get_args(field.annotation) == (DatasetRef,):
+            out += [(f"protocol.{fname}[{i}]", s) for i, s in enumerate(getattr(spec.protocol, fname))]
+    return out
+
+
+def check_spec(spec, reg: Registry, source: str = "spec") -> None:
+    """What can be checked before anything runs, beyond the spec's shape: each
+    backbone's and dataset's own ``check`` (model names, weight files, dataset
+    folders and split files) and every method's resolved settings. Raises one
+    :class:`UserError` with one line per problem."""
+    problems: list[str] = []
+    backbone = reg.get("backbone", spec.backbone.name)
+    if backbone.check is not None:
+        problems += [f"{source}: {p}" for p in backbone.check(spec.backbone)]
+    for where, section in dataset_sections(spec, reg):
+        entry = reg.get("dataset", section.name)
+        if entry.check is not None:
+            problems += [f"{source}: {where}: {p}" for p in entry.check(section)]
+    try:
+        resolve_methods(spec, reg)
+    except UserError as exc:
+        problems += [f"{source}: {p}" for p in exc.problems]
+    if problems:
+        raise UserError(*problems)
+
+
+def method_labels(spec) -> list[str]:
+    """The name each method section has in the results: its ``label`` or its method
+    name, with ``#2``, ``#3`` ... appended when a name repeats."""
+    labels, seen = [], {}
+    for m in spec.method:
+        base = m.label or m.name
+        seen[base] = seen.get(base, 0) + 1
+        labels.append(base if seen[base] == 1 else f"{base}#{seen[base]}")
+    return labels
+
+
+def resolve_methods(spec, reg: Registry) -> list:
+    """Every method section with its settings decided (spec > recipe > defaults);
+    see :mod:`vlprompt_core.recipes`."""
+    from .recipes import resolve_method
+
+    return [
+        resolve_method(spec, section, label, reg.get("method", section.name))
+        for label, section in zip(method_labels(spec), spec.method)
+    ]

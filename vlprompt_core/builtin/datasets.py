@@ -4,6 +4,7 @@ for a user's own images (no code needed)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -14,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .. import hookimpl
-from ..api import ClassSet, DatasetPlugin, DatasetSplits, Options
+from ..api import ClassSet, DatasetEntry, DatasetSplits, Options
 from ..data import default_data_root, load_class_folders, load_csv, load_imagenet_layout, load_split_file, prompt_name
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,35 @@ def ensure_embedded(task: str, folder: Path) -> None:
     stamp.write_text(want + "\n")
 
 
-def _make_spec_dataset(spec: DatasetSpecFile) -> DatasetPlugin:
+def check_spec_dataset(spec: DatasetSpecFile, opts: SpecDatasetOptions) -> list[str]:
+    """The cheap checks: the folders the layout needs, and a split file that parses."""
+    if spec.embedded is not None:
+        return []  # generated on first use
+    folder = (opts.root or default_data_root()) / spec.folder
+    if not folder.is_dir():
+        return [f"dataset folder not found: {folder}"]
+    if spec.layout == "split_file":
+        split_file = folder / spec.split_file
+        if not split_file.is_file():
+            return [f"split file not found: {split_file} (dataset {spec.name!r} needs it; see its spec file)"]
+        try:
+            data = json.loads(split_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return [f"{split_file}: not valid JSON ({exc})"]
+        missing = [k for k in ("train", "val", "test") if not isinstance(data, dict) or not isinstance(data.get(k), list)]
+        problems = [f"{split_file}: missing list {k!r}" for k in missing]
+        if not (folder / spec.image_dir).is_dir():
+            problems.append(f"image folder not found: {folder / spec.image_dir}")
+        return problems
+    if spec.layout == "imagenet":
+        return [f"folder not found: {folder / 'images' / s} (expected images/{s}/<wnid>/...)"
+                for s in ("train", "val") if not (folder / "images" / s).is_dir()]
+    if not (folder / spec.image_dir).is_dir():
+        return [f"image folder not found: {folder / spec.image_dir}"]
+    return []
+
+
+def _make_spec_dataset(spec: DatasetSpecFile) -> DatasetEntry:
     options = type(f"{spec.name.title().replace('_', '')}Options", (SpecDatasetOptions,), {"spec": spec})
 
     def load(opts: SpecDatasetOptions) -> DatasetSplits:
@@ -121,10 +150,10 @@ def _make_spec_dataset(spec: DatasetSpecFile) -> DatasetPlugin:
             return load_imagenet_layout(spec.name, folder, classes)
         return load_class_folders(spec.name, folder / spec.image_dir, classes.templates)
 
-    return DatasetPlugin(spec.name, options, load, spec.title)
+    return DatasetEntry(spec.name, options, load, spec.title, check=lambda opts: check_spec_dataset(spec, opts))
 
 
-def read_spec_files() -> tuple[list[DatasetPlugin], list[str]]:
+def read_spec_files() -> tuple[list[DatasetEntry], list[str]]:
     """Every readable spec file as a dataset; problems with a file are returned, not raised."""
     plugins, problems = [], []
     for d in spec_dirs():
@@ -171,16 +200,16 @@ class CsvOptions(Options):
 
 
 @hookimpl
-def vlprompt_datasets() -> list[DatasetPlugin]:
+def vlprompt_datasets() -> list[DatasetEntry]:
     plugins, problems = read_spec_files()
     for p in problems:
         log.warning("skipping dataset spec %s", p)
     plugins.append(
-        DatasetPlugin("folder", FolderOptions, lambda o: load_class_folders(o.path.name, o.path, o.templates),
+        DatasetEntry("folder", FolderOptions, lambda o: load_class_folders(o.path.name, o.path, o.templates),
                       "a folder of class subfolders (your own images)")
     )
     plugins.append(
-        DatasetPlugin("csv", CsvOptions, lambda o: load_csv(o.path.stem, o.path, o.image_root, o.templates),
+        DatasetEntry("csv", CsvOptions, lambda o: load_csv(o.path.stem, o.path, o.image_root, o.templates),
                       "a CSV of path, class, split (your own images)")
     )
     return plugins

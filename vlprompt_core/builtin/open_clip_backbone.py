@@ -18,7 +18,7 @@ from pydantic import Field
 from torch import nn
 
 from .. import hookimpl
-from ..api import BackbonePlugin, Options, VisionLanguageBackbone
+from ..api import BackboneEntry, ContractError, Options, VisionLanguageBackbone
 from ..embedded import pretrain as embedded
 from ..errors import UserError
 
@@ -62,45 +62,80 @@ def _is_torchscript(path: Path) -> bool:
         return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
 
 
+def _model_config(opts: OpenClipOptions) -> Path | None:
+    """The config file a model name refers to (the embedded model, or a JSON path)."""
+    if opts.model == EMBEDDED_MODEL:
+        return Path(EMBEDDED_CONFIG)
+    if opts.model.endswith(".json"):
+        return Path(opts.model).expanduser()
+    return None
+
+
+def _checkpoint_path(opts: OpenClipOptions) -> Path | None:
+    """``pretrained`` as a file path, when it names one (or looks like one)."""
+    p = opts.pretrained
+    if p is None or p == "embedded":
+        return None
+    path = Path(p).expanduser()
+    return path if (path.suffix or "/" in p or path.is_file()) else None
+
+
+def check_open_clip(opts: OpenClipOptions) -> list[str]:
+    """What is wrong with ``opts`` that can be told without loading weights: one line each."""
+    import open_clip
+
+    problems = []
+    config = _model_config(opts)
+    checkpoint = _checkpoint_path(opts)
+    openai_file = checkpoint is not None and (
+        opts.format == "openai" or (opts.format == "auto" and checkpoint.is_file() and _is_torchscript(checkpoint))
+    )
+    if config is not None:
+        if not config.is_file():
+            problems.append(f"backbone.model: model config file not found: {config}")
+    elif opts.model not in open_clip.list_models() and not openai_file:
+        problems.append(f"backbone.model: unknown open_clip model {opts.model!r} (see open_clip.list_models())")
+    if opts.pretrained == "embedded":
+        if opts.model != EMBEDDED_MODEL:
+            problems.append(f"backbone.pretrained: 'embedded' weights exist only for model {EMBEDDED_MODEL!r}")
+        elif not EMBEDDED_WEIGHTS.is_file():
+            problems.append(f"backbone.pretrained: embedded weights missing: {EMBEDDED_WEIGHTS}")
+    elif checkpoint is not None:
+        if not checkpoint.is_file():
+            problems.append(f"backbone.pretrained: checkpoint file not found: {checkpoint}")
+    elif opts.pretrained is not None and config is None and not problems:
+        if not open_clip.get_pretrained_cfg(opts.model, opts.pretrained):
+            tags = ", ".join(t for m, t in open_clip.list_pretrained() if m == opts.model) or "none"
+            problems.append(
+                f"backbone.pretrained: no tag {opts.pretrained!r} for {opts.model!r} (tags: {tags}), and no such file"
+            )
+    return problems
+
+
 def _create_open_clip_model(opts: OpenClipOptions) -> tuple[nn.Module, str]:
     """The model and the name its tokenizer is registered under."""
     import open_clip
 
+    problems = check_open_clip(opts)
+    if problems:
+        raise UserError(*problems)
+    config = _model_config(opts)
     model_name = opts.model
-    if model_name == EMBEDDED_MODEL or model_name.endswith(".json"):
-        cfg = EMBEDDED_CONFIG if model_name == EMBEDDED_MODEL else Path(model_name).expanduser()
-        if not Path(cfg).is_file():
-            raise UserError(f"backbone.model: model config file not found: {cfg}")
-        open_clip.add_model_config(cfg)
-        model_name = Path(cfg).stem
-    elif model_name not in open_clip.list_models():
-        raise UserError(f"backbone.model: unknown open_clip model {model_name!r} (see open_clip.list_models())")
+    if config is not None:
+        open_clip.add_model_config(config)
+        model_name = config.stem
 
-    pretrained = opts.pretrained
-    if pretrained == "embedded":
-        if model_name != EMBEDDED_MODEL:
-            raise UserError(f"backbone.pretrained: 'embedded' weights exist only for model {EMBEDDED_MODEL!r}")
-        pretrained = str(EMBEDDED_WEIGHTS)
-        if not EMBEDDED_WEIGHTS.is_file():
-            raise UserError(f"backbone.pretrained: embedded weights missing: {EMBEDDED_WEIGHTS}")
-
+    pretrained = str(EMBEDDED_WEIGHTS) if opts.pretrained == "embedded" else opts.pretrained
+    path = _checkpoint_path(opts)
     quick_gelu = opts.quick_gelu
-    path = Path(pretrained).expanduser() if pretrained else None
-    if path is not None and (path.suffix or "/" in pretrained) and not path.is_file():
-        raise UserError(f"backbone.pretrained: checkpoint file not found: {path}")
-    if path is not None and path.is_file():
+    if path is not None:
         if opts.format == "openai" or (opts.format == "auto" and _is_torchscript(path)):
-            # OpenAI CLIP: architecture read from the weights, QuickGELU as trained.
+            # OpenAI CLIP: architecture read from the weights, QuickGELU as trained. Every
+            # OpenAI CLIP uses the same BPE tokenizer, registered under any OpenAI name.
             return open_clip.load_openai_model(str(path), precision="fp32", device="cpu"), "ViT-B-32"
         pretrained = str(path)
-    elif pretrained is not None and quick_gelu is None:
-        tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
-        if not tag_cfg:
-            tags = ", ".join(t for m, t in open_clip.list_pretrained() if m == model_name) or "none"
-            raise UserError(
-                f"backbone.pretrained: no tag {pretrained!r} for {model_name!r} (tags: {tags}), and no such file"
-            )
-        quick_gelu = bool(tag_cfg.get("quick_gelu", False))
+    elif pretrained is not None and opts.pretrained != "embedded" and quick_gelu is None:
+        quick_gelu = bool(open_clip.get_pretrained_cfg(model_name, pretrained).get("quick_gelu", False))
     try:
         model = open_clip.create_model(
             model_name, pretrained=pretrained, force_quick_gelu=bool(quick_gelu), device="cpu"
@@ -108,9 +143,9 @@ def _create_open_clip_model(opts: OpenClipOptions) -> tuple[nn.Module, str]:
         return model, model_name
     except (RuntimeError, AssertionError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if path is not None and path.is_file():
+        if path is not None or opts.pretrained == "embedded":
             raise UserError(
-                f"backbone.pretrained: {path} does not fit model {model_name!r} ({first}); "
+                f"backbone.pretrained: {path or pretrained} does not fit model {model_name!r} ({first}); "
                 "for an original OpenAI CLIP file set format: openai"
             ) from None
         if isinstance(exc, RuntimeError) and ("download" in first.lower() or "offline" in first.lower()):
@@ -119,9 +154,16 @@ def _create_open_clip_model(opts: OpenClipOptions) -> tuple[nn.Module, str]:
 
 
 class OpenClipBackbone(VisionLanguageBackbone):
-    """A frozen open_clip ``CLIP`` (or ``CustomTextCLIP`` with open_clip's text tower)."""
+    """A frozen open_clip ``CLIP`` (or ``CustomTextCLIP`` with open_clip's text tower).
 
-    def __init__(self, model: nn.Module, tokenizer: Callable):
+    Everything goes through public module attributes of open_clip's
+    ``TextTransformer`` and ``VisionTransformer`` (token/positional embeddings,
+    ``conv1``, ``class_embedding``, ``ln_pre``, ``transformer.resblocks``,
+    ``ln_post``, ``proj``...), never its private helpers; the tests check that the
+    pieces put together equal open_clip's own ``encode_text``/``encode_image``.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Callable, name: str = ""):
         super().__init__()
         self.model = model.eval()
         self.model.requires_grad_(False)
@@ -156,6 +198,11 @@ class OpenClipBackbone(VisionLanguageBackbone):
         self.sot_id = int(getattr(inner, "sot_token_id", 49406))
         self.eot_id = int(getattr(inner, "eot_token_id", self._eos_id or 49407))
         self._encode_words = getattr(inner, "encode", None)
+        vit = all(hasattr(self.visual, a) for a in ("conv1", "class_embedding", "positional_embedding", "ln_pre",
+                                                     "transformer", "ln_post"))
+        vit = vit and getattr(self.visual, "attn_pool", None) is None and getattr(self.visual, "pool_type", "tok") == "tok"
+        self.capabilities = frozenset({"vision_transformer"} if vit else ())
+        self.description = f"{name or type(model).__name__} ({type(self.visual).__name__} image tower)"
 
     def train(self, mode: bool = True):
         """The backbone stays in eval mode whatever the parent module does."""
@@ -178,7 +225,6 @@ class OpenClipBackbone(VisionLanguageBackbone):
         return self.text.positional_embedding
 
     def pool_positions(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Index of the token whose state is the text feature, per sequence."""
         if self.pool_type == "argmax":
             return tokens.argmax(dim=-1)
         if self.pool_type == "eos":
@@ -193,83 +239,103 @@ class OpenClipBackbone(VisionLanguageBackbone):
         return self.encode_text_embeddings(self.embed_tokens(tokens), tokens)
 
     def encode_text_embeddings(self, embeddings, tokens, block_hook=None, add_positional=True):
-        """Run the text tower from token embeddings ``[N, L, D]``.
-
-        The tower is causal, so the state at the pooled token depends only on the
-        tokens up to it: sequences are cut to the longest pooled position, with the
-        same result as the full context. ``block_hook(l, x)`` may replace tokens
-        before block ``l`` (it must keep the sequence length).
-        """
         text = self.text
         cast = text.transformer.get_cast_dtype() if hasattr(text.transformer, "get_cast_dtype") else embeddings.dtype
-        pos = self.pool_positions(tokens)
         x = embeddings.to(cast)
         mask = text.attn_mask
         if mask is not None and self.pool_type in ("argmax", "eos"):
-            length = int(pos.max()) + 1
-            x = x[:, :length]
+            # causal: the pooled state depends only on the tokens up to it
+            length = int(self.pool_positions(tokens).max()) + 1
+            x, tokens = x[:, :length], tokens[:, :length]
             mask = mask[:length, :length]
         length = x.shape[1]
         if add_positional:
             x = x + text.positional_embedding[:length].to(cast)
-        x = self._run_blocks(text.transformer, x, mask, block_hook)
-        x = text.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), pos]
-        proj = text.text_projection
+        x = _run_blocks(text.transformer, x, mask, block_hook, "text", keep_length=True)
+        return self.text_head(x, tokens)
+
+    def text_head(self, hidden, tokens):
+        x = self.text.ln_final(hidden)
+        x = x[torch.arange(x.shape[0], device=x.device), self.pool_positions(tokens)]
+        proj = self.text.text_projection
         if proj is None:
             return x
         return proj(x) if isinstance(proj, nn.Linear) else x @ proj
-
-    @staticmethod
-    def _run_blocks(transformer, x, mask, block_hook):
-        batch_first = getattr(transformer, "batch_first", True)
-        for i, block in enumerate(transformer.resblocks):
-            if block_hook is not None:
-                x = block_hook(i, x)
-            if not batch_first:
-                x = x.transpose(0, 1)
-            x = block(x, attn_mask=mask)
-            if not batch_first:
-                x = x.transpose(0, 1)
-        return x
 
     # ---------------------------------------------------------------- vision
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return self.visual(images)
 
-    def _require_vit(self):
-        if not hasattr(self.visual, "_embeds") or not hasattr(self.visual, "transformer"):
-            raise UserError(
-                f"backbone: the vision tower {type(self.visual).__name__} has no ViT blocks for visual prompts"
-            )
+    def _vit(self):
+        self.require("vision_transformer", "this operation")
+        return self.visual
 
-    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
-        """Patch + class + positional embeddings after ``ln_pre``: ``[B, 1 + P, W]``."""
-        self._require_vit()
-        return self.visual._embeds(images)
+    def embed_image(self, images, pre_norm=True):
+        v = self._vit()
+        x = v.conv1(images)  # [B, W, gh, gw]
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # [B, P, W]
+        cls = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
+        x = v.patch_dropout(x)  # identity in eval mode (the backbone always is)
+        return v.ln_pre(x) if pre_norm else x
+
+    def vision_pre_norm(self, tokens):
+        return self._vit().ln_pre(tokens)
 
     def encode_image_tokens(self, tokens, block_hook=None):
-        """Run the ViT blocks on ``tokens`` (from :meth:`embed_image`), pool and project."""
-        self._require_vit()
-        x = self._run_blocks(self.visual.transformer, tokens, None, block_hook)
-        pooled, _ = self.visual._pool(x)
-        return pooled @ self.visual.proj if self.visual.proj is not None else pooled
+        v = self._vit()
+        x = _run_blocks(v.transformer, tokens, None, block_hook, "image", keep_length=False)
+        return self.image_head(x)
+
+    def image_head(self, tokens):
+        v = self._vit()
+        pooled = v.ln_post(tokens[:, 0])  # a per-token norm: the same before or after pooling
+        return pooled @ v.proj if v.proj is not None else pooled
+
+
+def _run_blocks(transformer, x, mask, block_hook, tower: str, keep_length: bool):
+    """The blocks of one tower, with ``block_hook`` before each, checked against its contract."""
+    batch_first = getattr(transformer, "batch_first", True)
+    for i, block in enumerate(transformer.resblocks):
+        if block_hook is not None:
+            before = x.shape
+            x = block_hook(i, x)
+            if not isinstance(x, torch.Tensor) or x.dim() != 3:
+                raise ContractError(f"{tower} block_hook before block {i} must return a [N, L, W] tensor")
+            if keep_length and x.shape != before:
+                raise ContractError(
+                    f"{tower} block_hook before block {i} changed the tokens from {list(before)} to {list(x.shape)}; "
+                    "text prompts must replace token states, not insert or remove tokens (pooling reads the "
+                    "positions from the token ids)"
+                )
+            if x.shape[0] != before[0] or x.shape[2] != before[2]:
+                raise ContractError(
+                    f"{tower} block_hook before block {i} changed the batch size or width from {list(before)} "
+                    f"to {list(x.shape)}; only the number of tokens may change"
+                )
+        if not batch_first:
+            x = x.transpose(0, 1)
+        x = block(x, attn_mask=mask)
+        if not batch_first:
+            x = x.transpose(0, 1)
+    return x
 
 
 def build_open_clip(opts: OpenClipOptions) -> OpenClipBackbone:
     import open_clip
 
     model, tokenizer_name = _create_open_clip_model(opts)
-    return OpenClipBackbone(model, open_clip.get_tokenizer(tokenizer_name))
+    return OpenClipBackbone(model, open_clip.get_tokenizer(tokenizer_name), name=Path(opts.model).stem)
 
 
 @hookimpl
 def vlprompt_backbones():
     return [
-        BackbonePlugin(
+        BackboneEntry(
             name="open_clip",
             options=OpenClipOptions,
             build=build_open_clip,
             description="any open_clip model: pretrained tag, checkpoint file, or the embedded tiny CLIP",
+            check=check_open_clip,
         )
     ]

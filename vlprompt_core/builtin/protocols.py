@@ -16,7 +16,7 @@ from dataclasses import replace
 from pydantic import Field
 
 from .. import hookimpl
-from ..api import ClassSet, DatasetRef, EvalSet, Item, Options, Plan, ProtocolContext, ProtocolPlugin
+from ..api import ClassSet, DatasetRef, EvalSet, Item, Options, Plan, ProtocolContext, ProtocolEntry
 from ..data import sample_few_shot
 
 
@@ -41,7 +41,7 @@ def _shots(ctx: ProtocolContext, shots: int) -> tuple[list[Item], list[Item]]:
     return train, val
 
 
-def _record(train: list[Item], val: list[Item]) -> dict:
+def _sample(train: list[Item], val: list[Item]) -> dict:
     return {
         "train": [[str(it.path), it.label] for it in train],
         "val": [[str(it.path), it.label] for it in val],
@@ -51,7 +51,7 @@ def _record(train: list[Item], val: list[Item]) -> dict:
 def few_shot_plan(opts: FewShotOptions, ctx: ProtocolContext) -> Plan:
     train, val = _shots(ctx, opts.shots)
     ds = ctx.dataset
-    return Plan(train, val, ds.classes, [EvalSet("test", ds.test, ds.classes)], _record(train, val))
+    return Plan(train, val, ds.classes, [EvalSet("test", ds.test, ds.classes)], _sample(train, val))
 
 
 def split_base_novel(n_classes: int) -> tuple[list[int], list[int]]:
@@ -83,7 +83,7 @@ def base2novel_plan(opts: FewShotOptions, ctx: ProtocolContext) -> Plan:
             EvalSet("base", subsample(ds.test, base), base_classes),
             EvalSet("novel", subsample(ds.test, novel), _subclasses(ds.classes, novel)),
         ],
-        _record(train, val),
+        _sample(train, val),
     )
 
 
@@ -101,7 +101,7 @@ def transfer_plan(opts: TransferOptions, ctx: ProtocolContext) -> Plan:
         while name in {e.name for e in evals}:
             name += "'"
         evals.append(EvalSet(name, target.test, target.classes))
-    return Plan(train, val, ds.classes, evals, _record(train, val))
+    return Plan(train, val, ds.classes, evals, _sample(train, val))
 
 
 def transfer_summary(opts, acc: dict[str, float]) -> dict[str, float]:
@@ -114,14 +114,14 @@ def transfer_summary(opts, acc: dict[str, float]) -> dict[str, float]:
 
 
 @hookimpl
-def vlprompt_protocols() -> list[ProtocolPlugin]:
+def vlprompt_protocols() -> list[ProtocolEntry]:
     return [
-        ProtocolPlugin("few_shot", FewShotOptions, few_shot_plan, lambda o, a: {"accuracy": a["test"]},
+        ProtocolEntry("few_shot", FewShotOptions, few_shot_plan, lambda o, a: {"accuracy": a["test"]},
                        "K shots per class, scored on the test split"),
-        ProtocolPlugin("base2novel", FewShotOptions, base2novel_plan, base2novel_summary,
+        ProtocolEntry("base2novel", FewShotOptions, base2novel_plan, base2novel_summary,
                        "train on the first half of the classes, score base and novel; H = 2BN/(B+N)"),
-        ProtocolPlugin("cross_dataset", TransferOptions, transfer_plan, transfer_summary,
+        ProtocolEntry("cross_dataset", TransferOptions, transfer_plan, transfer_summary,
                        "train on the source dataset, score each target dataset"),
-        ProtocolPlugin("domain_generalisation", TransferOptions, transfer_plan, transfer_summary,
+        ProtocolEntry("domain_generalisation", TransferOptions, transfer_plan, transfer_summary,
                        "train on the source, score shifted versions of it"),
     ]

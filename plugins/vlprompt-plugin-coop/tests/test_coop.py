@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from vlprompt_core.api import ClassSet
+from vlprompt_core.api import Batch, ClassSet
 from vlprompt_core.errors import UserError
+from vlprompt_core.prompting import PromptTemplate
+from vlprompt_core.testing import Case, MethodContract, write_split_dataset, write_tiny_config
 from vlprompt_plugin_coop import CoOp, CoOpOptions
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# the project's test helpers (tiny model config, split-file dataset)
-sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tests"))
-from helpers import write_split_dataset, write_tiny_config  # noqa: E402
 
 NAMES = ["red", "green", "apple pie", "blue"]
 
@@ -65,7 +62,7 @@ def test_only_ctx_receives_gradients(tiny_backbone, classes):
     torch.manual_seed(0)
     method = build(tiny_backbone, classes, n_ctx=4)
     method.train()
-    out = method(images=images(3))
+    out = method(Batch(image_features=tiny_backbone.encode_image(images(3))))
     assert out.logits.shape == (3, len(NAMES))
     F.cross_entropy(out.logits, torch.tensor([0, 1, 2])).backward()
 
@@ -105,7 +102,7 @@ def test_prompt_layout_by_hand(tiny_backbone, classes, where, m):
     method = build(bb, classes, n_ctx=m, class_token_position=where)
     name_ids = bb.tokenize_words("apple pie")
     assert len(name_ids) == 2
-    ids, slots = method.prompt_layout(name_ids)
+    ids, slots = method.template.layout(bb, "apple pie")
     exp_ids, exp_slots = _expected_layout(bb, name_ids, m, where)
     assert ids == exp_ids
     assert slots == exp_slots
@@ -117,7 +114,7 @@ def test_prompt_layout_middle_odd_literal(tiny_backbone, classes):
     method = build(bb, classes, n_ctx=5, class_token_position="middle")
     name = bb.tokenize_words("apple pie")
     x, dot = bb.tokenize_words("X")[0], bb.tokenize_words(".")[0]
-    ids, slots = method.prompt_layout(name)
+    ids, slots = method.template.layout(bb, "apple pie")
     assert ids == [bb.sot_id, x, x, name[0], name[1], x, x, x, dot, bb.eot_id]
     assert slots == [-1, 0, 1, -1, -1, 2, 3, 4, -1, -1]
 
@@ -126,7 +123,7 @@ def test_end_layout_ids_match_tokenizer_of_placeholder_prompt(tiny_backbone, cla
     """The reference builds 'X X X X apple pie.' and tokenizes it: same ids."""
     bb = tiny_backbone
     method = build(bb, classes, n_ctx=4)
-    ids, _ = method.prompt_layout(bb.tokenize_words("apple pie"))
+    ids, _ = method.template.layout(bb, "apple pie")
     ref = bb.tokenize(["X X X X apple pie."])[0]
     assert ref[: len(ids)].tolist() == ids
     assert (ref[len(ids):] == 0).all()
@@ -135,14 +132,15 @@ def test_end_layout_ids_match_tokenizer_of_placeholder_prompt(tiny_backbone, cla
 def test_set_classes_buffers_pad_with_zero_and_minus_one(tiny_backbone, classes):
     bb = tiny_backbone
     method = build(bb, classes, n_ctx=3)
-    assert method.token_ids.shape == method.slots.shape == (len(NAMES), 1 + 3 + 2 + 1 + 1)
+    table = method.prompts
+    assert table.token_ids.shape == table.slots.shape == (len(NAMES), 1 + 3 + 2 + 1 + 1)
     for i, name in enumerate(NAMES):
-        ids, slots = method.prompt_layout(bb.tokenize_words(name))
-        assert method.token_ids[i, : len(ids)].tolist() == ids
-        assert method.slots[i, : len(slots)].tolist() == slots
-        assert (method.token_ids[i, len(ids):] == 0).all()
-        assert (method.slots[i, len(slots):] == -1).all()
-    assert torch.equal(method.base, bb.embed_tokens(method.token_ids).float())
+        ids, slots = method.template.layout(bb, name)
+        assert table.token_ids[i, : len(ids)].tolist() == ids
+        assert table.slots[i, : len(slots)].tolist() == slots
+        assert (table.token_ids[i, len(ids):] == 0).all()
+        assert (table.slots[i, len(slots):] == -1).all()
+    assert torch.equal(table.embeddings, bb.embed_tokens(table.token_ids).float())
 
 
 # ------------------------------------------------------------------ ctx_init
@@ -252,26 +250,38 @@ def test_eval_cache_matches_train_and_is_cleared(tiny_backbone, classes):
     method = build(tiny_backbone, classes, n_ctx=4)
     feats = torch.randn(5, tiny_backbone.embed_dim)
     method.train()
-    train_logits = method(image_features=feats).logits.detach()
-    assert method._cached is None  # training never caches
+    train_logits = method(Batch(image_features=feats)).logits.detach()
+    assert not method._cache  # training never caches
 
     method.eval()
-    first = method(image_features=feats).logits
-    assert method._cached is not None
+    first = method(Batch(image_features=feats)).logits
+    assert "text_features" in method._cache
     assert torch.allclose(first, train_logits, atol=1e-6)
 
     with torch.no_grad():
         method.ctx.add_(torch.randn_like(method.ctx))  # the cache is static: eval logits stay
-    assert torch.equal(method(image_features=feats).logits, first)
+    assert torch.equal(method(Batch(image_features=feats)).logits, first)
 
     method.train()  # clears the cache
-    assert method._cached is None
-    moved = method(image_features=feats).logits.detach()
+    assert not method._cache
+    moved = method(Batch(image_features=feats)).logits.detach()
     assert not torch.allclose(moved, first, atol=1e-4)
     method.eval()
-    assert torch.allclose(method(image_features=feats).logits, moved, atol=1e-6)
+    assert torch.allclose(method(Batch(image_features=feats)).logits, moved, atol=1e-6)
 
     # set_classes clears it too: new classes, new logits shape
     method.set_classes(ClassSet(["red", "blue"]))
-    assert method._cached is None
-    assert method(image_features=feats).logits.shape == (5, 2)
+    assert not method._cache
+    assert method(Batch(image_features=feats)).logits.shape == (5, 2)
+
+
+# ------------------------------------------------------------------ contract
+
+
+class TestCoOpContract(MethodContract):
+    method = "coop"
+    cases = [
+        Case({"n_ctx": 4}),
+        Case({"ctx_init": "a photo of a", "class_token_position": "middle"}),
+        Case({"n_ctx": 2, "csc": True}, fixed_classes=True),
+    ]

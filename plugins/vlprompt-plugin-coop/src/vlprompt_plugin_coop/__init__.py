@@ -14,9 +14,11 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from vlprompt_core import hookimpl
-from vlprompt_core.api import ClassSet, MethodOutput, MethodPlugin, Options, PromptMethod
+from vlprompt_core.api import Batch, ClassSet, MethodEntry, MethodOutput, Options, PromptMethod
 from vlprompt_core.errors import UserError
-from vlprompt_kernels import assemble_prompts, cosine_logits
+from vlprompt_core.prompting import PromptTable, PromptTemplate, init_context
+from vlprompt_core.recipes import Recipe, RecipeRule
+from vlprompt_kernels import cosine_logits
 
 
 class CoOpOptions(Options):
@@ -40,38 +42,16 @@ class CoOpOptions(Options):
 
 
 class CoOp(PromptMethod):
-    modality = "text"
+    inputs = ("image_features",)
 
     def __init__(self, backbone, classes: ClassSet, options: CoOpOptions):
         super().__init__(backbone, classes, options)
-        width = backbone.text_width
-        device = backbone.positional_embedding.device
-        if options.ctx_init:
-            ids = torch.tensor(backbone.tokenize_words(options.ctx_init), device=device)
-            with torch.no_grad():
-                ctx = backbone.embed_tokens(ids).float().clone()
-        else:
-            shape = (len(classes), options.n_ctx, width) if options.csc else (options.n_ctx, width)
-            ctx = torch.empty(shape, device=device).normal_(0, options.init_std)
-        self.ctx = nn.Parameter(ctx)
-        self.n_ctx = ctx.shape[-2]
+        per_class = len(classes) if options.csc else None
+        self.ctx = nn.Parameter(init_context(backbone, options.n_ctx, options.ctx_init, options.init_std, per_class))
+        self.n_ctx = self.ctx.shape[-2]
+        self.template = PromptTemplate.with_context(self.n_ctx, options.class_token_position)
         self._trained_names = list(classes.names)
-        self._placeholder = backbone.tokenize_words("X")[0]  # stands in the context slots
-        self._dot = backbone.tokenize_words(".")
-        self._cached: torch.Tensor | None = None
         self.set_classes(classes)
-
-    def prompt_layout(self, name_ids: list[int]) -> tuple[list[int], list[int]]:
-        """Token ids and context slots (``j`` for context vector j, -1 otherwise) of one
-        prompt: ``[SOS] ctx... name... . [EOS]`` with the class name at the chosen position."""
-        bb, m = self.backbone, self.n_ctx
-        placeholder, dot = self._placeholder, self._dot
-        where = self.options.class_token_position
-        half = m // 2 if where == "middle" else (m if where == "end" else 0)
-        ctx_a, ctx_b = list(range(half)), list(range(half, m))
-        body_slots = ctx_a + [-1] * len(name_ids) + ctx_b + [-1] * len(dot)
-        body_ids = [placeholder] * len(ctx_a) + name_ids + [placeholder] * len(ctx_b) + dot
-        return [bb.sot_id, *body_ids, bb.eot_id], [-1, *body_slots, -1]
 
     def set_classes(self, classes: ClassSet) -> None:
         if self.options.csc and list(classes.names) != self._trained_names:
@@ -79,45 +59,32 @@ class CoOp(PromptMethod):
                 "method.csc: class-specific context is tied to the classes it was trained on; "
                 "it cannot score other classes (use csc: false for base-to-novel or transfer)"
             )
-        bb = self.backbone
-        rows = [self.prompt_layout(bb.tokenize_words(n)) for n in classes.names]
-        longest = max(len(ids) for ids, _ in rows)
-        if longest > bb.context_length:
-            raise UserError(f"method.n_ctx: prompts of {longest} tokens exceed the context length {bb.context_length}")
-        device = self.ctx.device
-        ids = torch.zeros(len(rows), longest, dtype=torch.long, device=device)
-        slots = torch.full((len(rows), longest), -1, dtype=torch.long, device=device)
-        for i, (row_ids, row_slots) in enumerate(rows):
-            ids[i, : len(row_ids)] = torch.tensor(row_ids)
-            slots[i, : len(row_slots)] = torch.tensor(row_slots)
-        with torch.no_grad():
-            base = bb.embed_tokens(ids).float()
-        self.register_buffer("token_ids", ids, persistent=False)
-        self.register_buffer("slots", slots, persistent=False)
-        self.register_buffer("base", base, persistent=False)
-        self._cached = None
+        self.prompts = PromptTable(self.backbone, classes.names, self.template)
 
     def text_features(self) -> torch.Tensor:
         """``[C, D]`` class text features from the current context."""
-        prompts = assemble_prompts(self.base, self.ctx, self.slots, self.backbone.positional_embedding.float())
-        return self.backbone.encode_text_embeddings(prompts, self.token_ids, add_positional=False)
+        return self.prompts.encode(self.backbone, self.ctx)
 
-    def train(self, mode: bool = True):
-        self._cached = None
-        return super().train(mode)
+    def forward(self, batch: Batch) -> MethodOutput:
+        text = self.cached("text_features", self.text_features)  # static: once per evaluation
+        logits = cosine_logits(batch.image_features.float(), text.float(), self.backbone.logit_scale)
+        return MethodOutput(logits)
 
-    def forward(self, images=None, image_features=None) -> MethodOutput:
-        if image_features is None:
-            image_features = self.backbone.encode_image(images)
-        if self.training or self._cached is None:
-            text = self.text_features()
-            if not self.training:  # static prompts: text features once per evaluation
-                self._cached = text.detach()
-        else:
-            text = self._cached
-        return MethodOutput(cosine_logits(image_features.float(), text.float(), self.backbone.logit_scale))
+
+#: The official recipe (KaiyangZhou/CoOp ``configs/trainers/CoOp/*.yaml``, ``scripts/coop/main.sh``):
+#: SGD lr 0.002, batch 32; epochs by shots (1: 50, 2-4: 100, 8-16: 200); ImageNet 50.
+RECIPE = Recipe(
+    train={"optimizer": "sgd", "lr": 0.002, "batch_size": 32, "epochs": 200, "weight_decay": 5e-4,
+           "warmup_epochs": 1, "warmup_lr": 1e-5},
+    rules=[
+        RecipeRule(when={"shots": 1}, train={"epochs": 50}),
+        RecipeRule(when={"shots": [2, 4]}, train={"epochs": 100}),
+        RecipeRule(when={"dataset": "imagenet"}, train={"epochs": 50}),
+    ],
+    source="KaiyangZhou/CoOp configs/trainers/CoOp (rn50/vit_b16 ep50/ep100/ep200), scripts/coop/main.sh",
+)
 
 
 @hookimpl
-def vlprompt_methods() -> list[MethodPlugin]:
-    return [MethodPlugin("coop", CoOpOptions, CoOp, "CoOp: learned context vectors in the text prompt")]
+def vlprompt_methods() -> list[MethodEntry]:
+    return [MethodEntry("coop", CoOpOptions, CoOp, "CoOp: learned context vectors in the text prompt", RECIPE)]

@@ -1,4 +1,11 @@
-"""Small worlds for tests: a tiny random open_clip config and a split-file dataset."""
+"""Small worlds for tests: a tiny random open_clip config and split-file datasets.
+
+Everything is generated (no downloads): :func:`write_tiny_config` writes an
+open_clip model config (16 px images, width 32, 2 layers per tower) for
+``backbone: {name: open_clip, model: <that file>, pretrained: null}``;
+:func:`write_split_dataset` writes a 6-class dataset of coloured noise images in
+the benchmarks' split-file layout plus its ``datasets_spec`` file.
+"""
 
 from __future__ import annotations
 
@@ -52,3 +59,24 @@ def write_split_dataset(root: Path, name: str = "toy", per_class=(6, 2, 3), seed
         ]) + "\n"
     )
     return specs
+
+
+def tiny_backbone(folder: Path, seed: int = 0):
+    """A frozen tiny open_clip backbone with random weights (deterministic in ``seed``)."""
+    import torch
+
+    from ..builtin.open_clip_backbone import OpenClipOptions, build_open_clip
+
+    config = write_tiny_config(Path(folder))
+    torch.manual_seed(seed)
+    return build_open_clip(OpenClipOptions(model=str(config), pretrained=None))
+
+
+def make_world(root: Path) -> dict[str, Path]:
+    """A tiny model config, a 6-class dataset ``toy`` and a shifted copy ``toy_shift``
+    (their spec files in ``specs``, for ``$VLPROMPT_DATASETS_SPEC``)."""
+    root = Path(root)
+    config = write_tiny_config(root)
+    specs = write_split_dataset(root / "data", "toy", seed=0)
+    write_split_dataset(root / "data", "toy_shift", seed=1)
+    return {"root": root, "config": config, "specs": specs, "data": root / "data"}

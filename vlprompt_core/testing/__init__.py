@@ -1,0 +1,14 @@
+"""Testing helpers for vlprompt and its plug-ins (import in tests only; needs pytest).
+
+* :class:`MethodContract` — the test battery every method plug-in runs (see
+  :mod:`vlprompt_core.testing.contract`).
+* :func:`make_world`, :func:`tiny_backbone`, :func:`write_tiny_config`,
+  :func:`write_split_dataset` — a tiny random open_clip model and generated
+  datasets in the benchmarks' layout, for tests that need no downloads.
+"""
+
+from .contract import Case, MethodContract
+from .worlds import TINY_CONFIG, make_world, tiny_backbone, write_split_dataset, write_tiny_config
+
+__all__ = ["Case", "MethodContract", "TINY_CONFIG", "make_world", "tiny_backbone", "write_split_dataset",
+           "write_tiny_config"]

@@ -1,0 +1,333 @@
+"""The method contract: one test battery every method plug-in runs.
+
+Subclass :class:`MethodContract` in your plug-in's tests; pytest collects every
+test below for each of your cases::
+
+    from vlprompt_core.testing import Case, MethodContract
+
+    class TestMyMethod(MethodContract):
+        method = "mymethod"                       # the registered name
+        cases = [{"n_ctx": 4}, Case({"csc": True}, fixed_classes=True)]
+
+Each case is a dict of options (or a :class:`Case`). The battery builds the
+method on a tiny random open_clip backbone (16 px images, width 32) and a
+generated 6-class dataset, and checks that:
+
+* the options model rejects unknown keys;
+* the forward gives finite scores ``[B, C]`` for the current classes;
+* gradients reach every trainable parameter, and only those (no backbone weight
+  trains, none gets a gradient);
+* an optimiser step changes trainable parameters and nothing else: the backbone
+  and every other tensor of the method stay bit-identical;
+* ``set_classes`` to another class count gives scores for the new classes, and
+  permuting the class names permutes the scores (or, for a case marked
+  ``fixed_classes``, fails with a one-line user error);
+* a checkpoint round trip (the engine's own save and load) gives identical scores;
+* training through the engine leaves the backbone bit-identical and in eval mode,
+  and a seeded run is deterministic (identical checkpoints and accuracies);
+* the method runs under each of the four standard protocols (the transfer
+  targets share the source's class names, so a ``fixed_classes`` case is expected
+  to fail only under base-to-novel).
+
+Stochastic methods: the battery calls ``torch.manual_seed`` before each forward it
+compares, so methods that draw from torch's default generator compare equal.
+Methods not installed as a distribution (e.g. in the plug-in's own repository
+before ``pip install``) can set ``plugin`` to an object holding their hook
+implementations.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import torch
+
+from ..api import Batch, ClassSet, PromptMethod
+from ..errors import UserError
+from .worlds import COLOURS, make_world
+
+
+@dataclass
+class Case:
+    """Options for one run of the battery; ``fixed_classes`` when the method, with
+    these options, cannot score classes other than those it was built for."""
+
+    options: dict[str, Any] = field(default_factory=dict)
+    fixed_classes: bool = False
+    id: str | None = None
+
+    def name(self) -> str:
+        return self.id or (",".join(f"{k}={v}" for k, v in self.options.items()) or "defaults")
+
+
+NAMES = ["red", "green", "blue", "yellow"]
+OTHER_NAMES = ["purple", "orange", "red", "green", "apple pie", "blue"]
+
+
+def _images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _scores(method: PromptMethod, batch: Batch, seed: int = 0) -> torch.Tensor:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return method.predict(method(batch)).float()
+
+
+class MethodContract:
+    """The battery; see the module docstring. Class attributes configure it."""
+
+    #: The registered method name.
+    method: ClassVar[str]
+    #: Option sets to run the battery with (dicts or :class:`Case`).
+    cases: ClassVar[list] = [{}]
+    #: An object with hook implementations to register in-process (optional).
+    plugin: ClassVar[Any] = None
+    #: Extra ``train:`` settings for the engine runs (e.g. a larger batch).
+    train: ClassVar[dict[str, Any]] = {}
+    #: Tolerance for "identical" scores where recomputation is not bitwise.
+    atol: ClassVar[float] = 1e-5
+
+    # --------------------------------------------------------------- setup
+    def pytest_generate_tests(self, metafunc):
+        if "case" in metafunc.fixturenames:
+            cases = [c if isinstance(c, Case) else Case(dict(c)) for c in self.cases]
+            metafunc.parametrize("case", cases, ids=[c.name() for c in cases], scope="class")
+
+    @pytest.fixture(scope="class")
+    def contract_world(self, tmp_path_factory):
+        world = make_world(tmp_path_factory.mktemp("contract"))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("VLPROMPT_DATASETS_SPEC", str(world["specs"]))
+            yield world
+
+    @pytest.fixture(scope="class")
+    def contract_registry(self, contract_world):
+        from ..plugins import build_registry, make_plugin_manager
+
+        extra = (("contract-plugin", self.plugin),) if self.plugin is not None else ()
+        return build_registry(*make_plugin_manager(extra=extra))
+
+    @pytest.fixture(scope="class")
+    def backbone(self, contract_world):
+        from ..builtin.open_clip_backbone import OpenClipOptions, build_open_clip
+
+        torch.manual_seed(0)
+        return build_open_clip(OpenClipOptions(model=str(contract_world["config"]), pretrained=None))
+
+    @pytest.fixture(scope="class")
+    def entry(self, contract_registry):
+        return contract_registry.get("method", self.method)
+
+    def build(self, entry, backbone, case: Case, names=NAMES, seed: int = 0) -> PromptMethod:
+        torch.manual_seed(seed)
+        return entry.build(backbone, ClassSet(list(names)), entry.options.model_validate(case.options))
+
+    def batch(self, method: PromptMethod, n: int = 3, seed: int = 0, labels=True) -> Batch:
+        bb = method.backbone
+        images = _images(n, bb.image_size, seed)
+        feats = bb.encode_image(images).detach() if "image_features" in method.inputs else None
+        return Batch(images=images if "images" in method.inputs else None, image_features=feats,
+                     labels=torch.arange(n) % 2 if labels else None)
+
+    # ---------------------------------------------------------------- tests
+    def test_options_reject_unknown_keys(self, entry):
+        from pydantic import ValidationError
+
+        with pytest.raises(ValidationError):
+            entry.options.model_validate({"surely_not_an_option": 1})
+
+    def test_forward_gives_finite_scores_per_class(self, entry, backbone, case):
+        method = self.build(entry, backbone, case)
+        for mode in (True, False):
+            method.train(mode)
+            scores = _scores(method, self.batch(method))
+            assert scores.shape == (3, len(NAMES)), f"scores {list(scores.shape)} in {'train' if mode else 'eval'} mode"
+            assert torch.isfinite(scores).all()
+
+    def test_trainable_parameters_belong_to_the_method(self, entry, backbone, case):
+        method = self.build(entry, backbone, case)
+        trainable = [n for n, p in method.named_parameters() if p.requires_grad]
+        assert not [n for n in trainable if n.startswith("backbone.")], "backbone weights must stay frozen"
+        assert all(not p.requires_grad for p in backbone.parameters())
+        for n, p in method.named_parameters():
+            if p.requires_grad:
+                assert p.dtype == torch.float32, f"{n} is {p.dtype}; trainable parameters are fp32"
+
+    def test_gradients_reach_every_trainable_parameter(self, entry, backbone, case):
+        method = self.build(entry, backbone, case)
+        params = {n: p for n, p in method.named_parameters() if p.requires_grad}
+        if not params:
+            pytest.skip("the method has no trainable parameters")
+        method.train()
+        batch = self.batch(method)
+        torch.manual_seed(0)
+        method.loss(method(batch), batch).backward()
+        dead = [n for n, p in params.items() if p.grad is None or not torch.any(p.grad != 0)]
+        assert not dead, f"no gradient reaches {dead}"
+        assert all(p.grad is None for p in backbone.parameters()), "a backbone weight got a gradient"
+        method.zero_grad(set_to_none=True)
+
+    def test_a_step_changes_trainable_parameters_and_nothing_else(self, entry, backbone, case):
+        from ..engine import make_optimizer, optimizer_groups
+        from ..spec import TrainSpec
+
+        method = self.build(entry, backbone, case)
+        params = {n for n, p in method.named_parameters() if p.requires_grad}
+        if not params:
+            pytest.skip("the method has no trainable parameters")
+        before = {k: v.detach().clone() for k, v in method.state_dict(keep_vars=True).items()}
+        backbone_before = {k: v.clone() for k, v in backbone.state_dict().items()}
+        optimizer = make_optimizer(optimizer_groups(method), TrainSpec(lr=0.1))
+        method.train()
+        batch = self.batch(method)
+        torch.manual_seed(0)
+        method.loss(method(batch), batch).backward()
+        optimizer.step()
+        method.zero_grad(set_to_none=True)
+        after = method.state_dict()
+        changed = {k for k in before if not torch.equal(before[k], after[k])}
+        assert changed, "one optimiser step changed nothing"
+        assert changed <= params, f"changed but not trainable: {sorted(changed - params)}"
+        for k, v in backbone_before.items():
+            assert torch.equal(backbone.state_dict()[k], v), f"backbone weight {k} changed"
+
+    def test_set_classes_to_another_class_count(self, entry, backbone, case):
+        method = self.build(entry, backbone, case)
+        method.eval()
+        batch = self.batch(method, labels=False)
+        if case.fixed_classes:
+            with pytest.raises(UserError) as exc:
+                method.set_classes(ClassSet(OTHER_NAMES))
+            assert len(exc.value.problems) == 1 and "\n" not in exc.value.problems[0]
+            return
+        method.set_classes(ClassSet(OTHER_NAMES))
+        assert _scores(method, batch).shape == (3, len(OTHER_NAMES))
+        method.set_classes(ClassSet(NAMES))
+        assert _scores(method, batch).shape == (3, len(NAMES))
+
+    def test_permuting_class_names_permutes_scores(self, entry, backbone, case):
+        if case.fixed_classes:
+            pytest.skip("the method scores only the classes it was built for")
+        method = self.build(entry, backbone, case)
+        method.eval()
+        batch = self.batch(method, labels=False)
+        scores = _scores(method, batch)
+        order = [2, 0, 3, 1]
+        method.set_classes(ClassSet([NAMES[i] for i in order]))
+        permuted = _scores(method, batch)
+        assert torch.allclose(permuted, scores[:, order], atol=self.atol, rtol=1e-4), \
+            "set_classes must rebuild the classifier from the new names"
+
+    def test_checkpoint_round_trip_gives_identical_scores(self, entry, backbone, case, tmp_path):
+        from ..engine import load_checkpoint, save_checkpoint
+
+        trained = self.build(entry, backbone, case, seed=0)
+        params = {n: p for n, p in trained.named_parameters() if p.requires_grad}
+        if not params:
+            pytest.skip("the method has no trainable parameters")
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(1)
+            for p in params.values():  # away from any initial value
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        meta = {"method": self.method, "options": json.dumps(case.options, sort_keys=True)}
+        path = tmp_path / "ckpt.safetensors"
+        save_checkpoint(trained, path, meta)
+        fresh = self.build(entry, backbone, case, seed=1)
+        load_checkpoint(fresh, path, meta)
+        trained.eval()
+        fresh.eval()
+        batch = self.batch(trained, labels=False)
+        assert torch.equal(_scores(trained, batch), _scores(fresh, batch))
+
+    # ------------------------------------------------------ through the engine
+    def engine_run(self, world, registry, case, output: Path, protocol: dict, seeds=(1,)):
+        from ..engine import Engine
+        from ..spec import check_spec, validate_spec
+
+        data = {
+            "backbone": {"name": "open_clip", "model": str(world["config"]), "pretrained": None},
+            "method": {"name": self.method, **case.options},
+            "dataset": {"name": "toy", "root": str(world["data"])},
+            "protocol": protocol,
+            "train": {"epochs": 2, "batch_size": 4, "seeds": list(seeds), "device": "cpu", "precision": "fp32",
+                      **self.train},
+            "output": str(output),
+        }
+        spec = validate_spec(data, registry)
+        check_spec(spec, registry)
+        built = {}
+        entry = registry.get("method", self.method)
+        backbone_entry = registry.get("backbone", "open_clip")
+
+        def build_backbone(opts):
+            bb = backbone_entry.build(opts)
+            built["backbone"] = bb
+            built["backbone_before"] = {k: v.clone() for k, v in bb.state_dict().items()}
+            return bb
+
+        import dataclasses
+
+        from ..plugins import Registry
+
+        entries = {kind: dict(v) for kind, v in registry.entries.items()}
+        entries["backbone"]["open_clip"] = dataclasses.replace(backbone_entry, build=build_backbone)
+        entries["method"][self.method] = entry
+        spy = Registry(entries=entries, sources=registry.sources, failures=registry.failures, pm=registry.pm)
+        record = Engine(spec, spy).run()
+        return record, built
+
+    @pytest.fixture(scope="class")
+    def few_shot_run(self, contract_world, contract_registry, case, tmp_path_factory):
+        out = tmp_path_factory.mktemp("few_shot")
+        return self.engine_run(contract_world, contract_registry, case, out, {"name": "few_shot", "shots": 2})
+
+    def test_training_leaves_the_backbone_bit_identical(self, few_shot_run):
+        record, built = few_shot_run
+        bb = built["backbone"]
+        for k, v in built["backbone_before"].items():
+            assert torch.equal(bb.state_dict()[k], v), f"backbone weight {k} changed in training"
+        assert not any(m.training for m in bb.modules()), "the backbone left eval mode"
+        assert all(p.grad is None for p in bb.parameters())
+        assert record["status"] == "complete"
+
+    def test_seeded_run_is_deterministic(self, contract_world, contract_registry, case, few_shot_run, tmp_path):
+        from safetensors.torch import load_file
+
+        first, _ = few_shot_run
+        again, _ = self.engine_run(contract_world, contract_registry, case, tmp_path / "again",
+                                   {"name": "few_shot", "shots": 2})
+        (a,), (b,) = first["runs"], again["runs"]
+        assert a["accuracy"] == b["accuracy"]
+        assert [e["loss"] for e in a["epochs"]] == [e["loss"] for e in b["epochs"]]
+        if a["checkpoint"]:
+            ta = load_file(str(Path(first["spec"]["output"]) / a["checkpoint"]))
+            tb = load_file(str(tmp_path / "again" / b["checkpoint"]))
+            assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+    @pytest.mark.parametrize("protocol", ["few_shot", "base2novel", "cross_dataset", "domain_generalisation"])
+    def test_runs_under_every_protocol(self, contract_world, contract_registry, case, protocol, tmp_path):
+        targets = [{"name": "toy_shift", "root": str(contract_world["data"])}]
+        section = {"name": protocol, "shots": 2}
+        if protocol in ("cross_dataset", "domain_generalisation"):
+            section["targets"] = targets
+        if case.fixed_classes and protocol == "base2novel":  # novel classes need other names
+            with pytest.raises(UserError):
+                self.engine_run(contract_world, contract_registry, case, tmp_path / "out", section)
+            return
+        record, _ = self.engine_run(contract_world, contract_registry, case, tmp_path / "out", section)
+        (run,) = record["runs"]
+        # 6 classes x 3 test images; base and novel are 3 classes each
+        expected = {"few_shot": {"test": 18}, "base2novel": {"base": 9, "novel": 9}}.get(
+            protocol, {"toy": 18, "toy_shift": 18})
+        assert set(run["accuracy"]) == set(expected)
+        for name, acc in run["accuracy"].items():
+            assert 0 <= acc <= 100 and round(acc * expected[name] / 100, 6).is_integer(), (name, acc)
+        assert record["status"] == "complete"
+
+
+assert len(COLOURS) == 6  # the generated datasets have 6 classes, 3 test images each
