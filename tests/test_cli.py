@@ -29,8 +29,8 @@ def write_spec(path: Path, world, protocol: dict, method=None, **extra) -> Path:
         "protocol": protocol,
         "train": {"epochs": 2, "batch_size": 4, "seeds": [1, 2]},
         "output": str(path.parent / "out"),
-        **extra,
     }
+    spec.update(extra)
     path.write_text(yaml.safe_dump(spec))
     return path
 
@@ -132,3 +132,53 @@ def test_schema_includes_plugin_options():
     text = json.dumps(schema)
     assert "n_ctx" in text and "class_token_position" in text and "base2novel" in text
     assert set(schema["required"]) == {"method", "dataset", "protocol"}
+
+
+@pytest.fixture()
+def no_split_file(world, tmp_path):
+    """A dataset spec whose folder exists but whose split file does not."""
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    (specs / "nosplit.yaml").write_text(
+        "name: nosplit\nlayout: split_file\nfolder: nosplit\nsplit_file: split_zhou_NoSplit.json\n"
+        "classnames: [a, b]\n"
+    )
+    (tmp_path / "data" / "nosplit" / "images").mkdir(parents=True)
+    return os.pathsep.join([str(world["specs"]), str(specs)]), tmp_path / "data"
+
+
+@pytest.mark.parametrize("problem", ["unknown model", "missing checkpoint", "missing split file", "all three"])
+def test_validate_checks_models_weights_and_split_files_before_running(world, tmp_path, no_split_file, problem):
+    specs, data = no_split_file
+    backbone = {"name": "open_clip", "model": str(world["config"]), "pretrained": None}
+    dataset = {"name": "toy", "root": str(world["data"])}
+    expected = []
+    if problem in ("unknown model", "all three"):
+        backbone["model"] = "no-such-model"
+        expected.append("backbone.model: unknown open_clip model 'no-such-model'")
+    if problem in ("missing checkpoint", "all three"):
+        backbone["pretrained"] = str(tmp_path / "weights" / "missing.pt")
+        if problem == "missing checkpoint":
+            backbone["model"] = "ViT-B-32"
+        expected.append(f"backbone.pretrained: checkpoint file not found: {tmp_path / 'weights' / 'missing.pt'}")
+    if problem in ("missing split file", "all three"):
+        dataset = {"name": "nosplit", "root": str(data)}
+        expected.append(f"dataset: split file not found: {data / 'nosplit' / 'split_zhou_NoSplit.json'}")
+    spec = write_spec(tmp_path / "spec.yaml", world, {"name": "few_shot"}, backbone=backbone, dataset=dataset)
+    for command in ("validate", "run"):
+        proc = vlprompt(command, str(spec), env_extra={"VLPROMPT_DATASETS_SPEC": specs})
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) == len(expected), lines
+        for line, want in zip(lines, expected):
+            assert line.startswith(f"error: {spec}: {want}"), (line, want)
+    assert not (tmp_path / "out").exists()  # nothing ran, nothing was written
+
+
+def test_validate_prints_the_resolved_settings(world, tmp_path):
+    spec = write_spec(tmp_path / "spec.yaml", world, {"name": "few_shot", "shots": 1},
+                      method=[{"name": "coop", "n_ctx": 2}], train={"seeds": [1]})
+    proc = vlprompt("validate", str(spec), env_extra={"VLPROMPT_DATASETS_SPEC": str(world["specs"])})
+    assert proc.returncode == 0, proc.stderr
+    assert "epochs 50*" in proc.stdout  # CoOp's recipe at 1 shot
+    assert "n_ctx=2" in proc.stdout and proc.stdout.rstrip().endswith(f"{spec}: ok")

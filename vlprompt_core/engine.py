@@ -171,6 +171,14 @@ def load_checkpoint(method: PromptMethod, path: Path, expect: dict[str, str]) ->
             p.copy_(tensors[name].to(p.device, p.dtype))
 
 
+def _check_scores(method: PromptMethod, scores: torch.Tensor, batch: Batch, n_classes: int) -> None:
+    if tuple(scores.shape) != (len(batch), n_classes):
+        raise ContractError(
+            f"{type(method).__name__} returned scores {list(scores.shape)} for a batch of {len(batch)} images "
+            f"and {n_classes} classes (does set_classes rebuild the classifier?)"
+        )
+
+
 @dataclass
 class Engine:
     """Runs one validated spec (checked with :func:`~vlprompt_core.spec.check_spec`)."""
@@ -405,6 +413,7 @@ class Engine:
                     batch = self.make_batch(method, images, labels)
                     out = method(batch)
                     loss = method.loss(out, batch)
+                _check_scores(method, out.logits, batch, len(plan.classes))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -480,5 +489,6 @@ class Engine:
         for batch in self.eval_batches(label, method, eval_set, settings):
             with autocast(self.device, settings.precision):
                 scores = method.predict(method(batch))
+            _check_scores(method, scores, batch, len(eval_set.classes))
             correct += (scores.argmax(-1) == batch.labels).sum().item()
         return 100.0 * correct / len(eval_set.items)

@@ -33,13 +33,15 @@ def write_tiny_config(folder: Path, name: str = "tiny_test") -> Path:
     return path
 
 
-def write_split_dataset(root: Path, name: str = "toy", per_class=(6, 2, 3), seed: int = 0) -> Path:
+def write_split_dataset(root: Path, name: str = "toy", per_class=(6, 2, 3), seed: int = 0,
+                        n_classes: int = len(COLOURS)) -> Path:
     """``root/<name>/images/*.png`` + ``split.json`` (split-file layout) and a spec
-    file ``root/specs/<name>.yaml``; returns the specs folder."""
+    file ``root/specs/<name>.yaml`` for the first ``n_classes`` colours; returns the
+    specs folder."""
     rng = np.random.default_rng(seed)
     folder = root / name
     (folder / "images").mkdir(parents=True, exist_ok=True)
-    classnames = list(COLOURS)
+    classnames = list(COLOURS)[:n_classes]
     split: dict[str, list] = {"train": [], "val": [], "test": []}
     for label, cname in enumerate(classnames):
         for split_name, n in zip(("train", "val", "test"), per_class):
@@ -73,10 +75,12 @@ def tiny_backbone(folder: Path, seed: int = 0):
 
 
 def make_world(root: Path) -> dict[str, Path]:
-    """A tiny model config, a 6-class dataset ``toy`` and a shifted copy ``toy_shift``
-    (their spec files in ``specs``, for ``$VLPROMPT_DATASETS_SPEC``)."""
+    """A tiny model config, a 6-class dataset ``toy``, a shifted copy ``toy_shift``
+    and a 5-class ``toy5`` (base and novel halves of different sizes); their spec
+    files are in ``specs``, for ``$VLPROMPT_DATASETS_SPEC``."""
     root = Path(root)
     config = write_tiny_config(root)
     specs = write_split_dataset(root / "data", "toy", seed=0)
     write_split_dataset(root / "data", "toy_shift", seed=1)
+    write_split_dataset(root / "data", "toy5", seed=2, n_classes=5)
     return {"root": root, "config": config, "specs": specs, "data": root / "data"}

@@ -1,0 +1,147 @@
+"""The shared prompt machinery: templates, prompt tables, chunked encoding, frozen class features."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vlprompt_core.api import ClassSet
+from vlprompt_core.errors import UserError
+from vlprompt_core.prompting import (
+    ENSEMBLE_TEMPLATES,
+    Context,
+    PromptTable,
+    PromptTemplate,
+    class_text_features,
+    init_context,
+    templates_for,
+)
+
+NAMES = ["red", "apple pie", "blue"]
+
+
+@pytest.fixture(scope="module")
+def bb(world):
+    from vlprompt_core.testing import tiny_backbone
+
+    return tiny_backbone(world["root"])
+
+
+def test_template_needs_the_class_name_once():
+    with pytest.raises(ValueError, match="exactly once"):
+        PromptTemplate(Context(0, 2), ".")
+    with pytest.raises(ValueError, match="exactly once"):
+        PromptTemplate("{}", "{}")
+    with pytest.raises(ValueError, match="range"):
+        Context(3, 1)
+
+
+def test_layout_with_words_between_context_and_class(bb):
+    """A MaPLe-style template: 2 learned words, then fixed words, then the class."""
+    template = PromptTemplate(Context(0, 2), "of a", "{}", ".")
+    ids, slots = template.layout(bb, "apple pie")
+    x = bb.tokenize_words("X")[0]
+    words = bb.tokenize_words("of a")
+    name = bb.tokenize_words("apple pie")
+    dot = bb.tokenize_words(".")
+    assert ids == [bb.sot_id, x, x, *words, *name, *dot, bb.eot_id]
+    assert slots == [-1, 0, 1] + [-1] * (len(words) + len(name) + len(dot)) + [-1]
+    # the same ids as tokenising the whole placeholder prompt
+    full = bb.tokenize(["X X of a apple pie."])[0]
+    assert full[: len(ids)].tolist() == ids
+    assert template.n_ctx == 2
+
+
+def test_with_context_positions():
+    assert PromptTemplate.with_context(4).pieces == (Context(0, 4), "{}", ".")
+    assert PromptTemplate.with_context(4, "front").pieces == ("{}", Context(0, 4), ".")
+    assert PromptTemplate.with_context(5, "middle").pieces == (Context(0, 2), "{}", Context(2, 5), ".")
+
+
+def test_table_context_from_words_equals_the_hand_written_prompt(bb):
+    """Writing the embeddings of 'a photo of a' into the slots gives CLIP's own features."""
+    table = PromptTable(bb, NAMES, PromptTemplate.with_context(4))
+    ctx = init_context(bb, 4, "a photo of a")
+    with torch.no_grad():
+        ours = table.encode(bb, ctx)
+        ref = bb.encode_text(bb.tokenize([f"a photo of a {n}." for n in NAMES]))
+    assert ours.shape == (3, bb.embed_dim)
+    assert torch.allclose(ours, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_table_leading_dims_equal_one_encode_per_context(bb):
+    """Per-image context ``[B, 1, M, D]`` gives, for each image, the features of
+    encoding that image's context alone."""
+    torch.manual_seed(0)
+    table = PromptTable(bb, NAMES, PromptTemplate.with_context(3))
+    ctx = torch.randn(4, 1, 3, bb.text_width) * 0.1
+    with torch.no_grad():
+        batched = table.encode(bb, ctx)
+        one_by_one = torch.stack([table.encode(bb, ctx[i, 0]) for i in range(4)])
+    assert batched.shape == (4, len(NAMES), bb.embed_dim)
+    assert torch.allclose(batched, one_by_one, atol=1e-5, rtol=1e-4)
+    # samples x images x classes: three leading dims
+    ctx3 = torch.randn(2, 4, 1, 3, bb.text_width) * 0.1
+    with torch.no_grad():
+        out = table.encode(bb, ctx3)
+    assert out.shape == (2, 4, len(NAMES), bb.embed_dim)
+    with torch.no_grad():
+        assert torch.allclose(out[1, 2], table.encode(bb, ctx3[1, 2, 0]), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 5])
+def test_chunked_encoding_gives_the_same_features_and_gradients(bb, chunk):
+    torch.manual_seed(0)
+    table = PromptTable(bb, NAMES, PromptTemplate.with_context(2))
+    base = torch.randn(4, 1, 2, bb.text_width) * 0.1
+    weights = torch.randn(4, len(NAMES), bb.embed_dim)
+
+    def run(chunk_size):
+        ctx = base.clone().requires_grad_(True)
+        feats = table.encode(bb, ctx, chunk_size=chunk_size)
+        (feats * weights).sum().backward()
+        return feats.detach(), ctx.grad
+
+    full_f, full_g = run(None)
+    f, g = run(chunk)
+    assert torch.allclose(f, full_f, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(g, full_g, atol=1e-5, rtol=1e-4)
+    assert g.abs().sum() > 0
+    assert all(p.grad is None for p in bb.parameters())
+
+
+def test_table_rejects_prompts_longer_than_the_context(bb):
+    with pytest.raises(UserError, match="exceed the context length"):
+        PromptTable(bb, NAMES, PromptTemplate.with_context(bb.context_length))
+
+
+def test_init_context_words_and_random(bb):
+    words = init_context(bb, 16, "a photo of a")
+    assert words.shape == (4, bb.text_width)
+    assert torch.equal(words, bb.embed_tokens(torch.tensor(bb.tokenize_words("a photo of a"))).float())
+    torch.manual_seed(0)
+    rand = init_context(bb, 16, std=0.02, per_class=5)
+    assert rand.shape == (5, 16, bb.text_width) and rand.dtype == torch.float32
+    assert abs(rand.std().item() - 0.02) < 0.002
+    with pytest.raises(UserError, match="random"):
+        init_context(bb, 4, "a photo of a", per_class=3)
+
+
+def test_class_text_features_average_normalised_templates(bb):
+    templates = ["a photo of a {}.", "itap of a {}."]
+    got = class_text_features(bb, NAMES, templates)
+    with torch.no_grad():
+        a = F.normalize(bb.encode_text(bb.tokenize([templates[0].format(n) for n in NAMES])), dim=-1)
+        b = F.normalize(bb.encode_text(bb.tokenize([templates[1].format(n) for n in NAMES])), dim=-1)
+    expected = (a + b) / 2
+    expected = expected / expected.norm(dim=-1, keepdim=True)
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert torch.allclose(got.norm(dim=-1), torch.ones(len(NAMES)))
+
+
+def test_templates_for_choices():
+    classes = ClassSet(["x"], ["a photo of a {}, a type of pet."])
+    assert templates_for("dataset", classes) == ["a photo of a {}, a type of pet."]
+    assert templates_for("ensemble", classes) == ["a photo of a {}, a type of pet.", *ENSEMBLE_TEMPLATES]
+    assert templates_for(["{} texture."], classes) == ["{} texture."]
