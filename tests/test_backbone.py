@@ -267,3 +267,90 @@ def test_openai_torchscript_archive_is_detected_by_auto(openai_model, tmp_path):
     traced.save(str(path))
     loaded = build_open_clip(OpenClipOptions(model="ViT-B-32", pretrained=str(path)))
     _check_openai_load(loaded, openai_model)
+
+
+# ------------------------------------------------------------- deep prompts
+
+
+def test_vision_embedding_splits_at_the_pre_norm(bb):
+    x = images(2)
+    with torch.no_grad():
+        raw = bb.embed_image(x, pre_norm=False)
+        normed = bb.embed_image(x)
+        assert torch.allclose(bb.vision_pre_norm(raw), normed, atol=1e-6)
+        assert not torch.allclose(raw, normed, atol=1e-3)
+        # by hand: conv patches, class token first, positions
+        v = bb.model.visual
+        patches = v.conv1(x).flatten(2).transpose(1, 2)
+        cls = v.class_embedding.expand(2, 1, -1)
+        assert torch.allclose(raw, torch.cat([cls, patches], 1) + v.positional_embedding, atol=1e-6)
+
+
+def test_image_head_pools_the_class_token(bb):
+    tokens = torch.randn(2, 5, bb.vision_width)
+    v = bb.model.visual
+    with torch.no_grad():
+        assert torch.allclose(bb.image_head(tokens), v.ln_post(tokens[:, 0]) @ v.proj, atol=1e-6)
+
+
+def test_text_head_is_norm_pool_project(bb):
+    tokens = bb.tokenize(TEXTS[:2])
+    hidden = torch.randn(2, tokens.shape[1], bb.text_width)
+    t = bb.model
+    with torch.no_grad():
+        pooled = t.ln_final(hidden)[torch.arange(2), tokens.argmax(-1)]
+        assert torch.allclose(bb.text_head(hidden, tokens), pooled @ t.text_projection, atol=1e-6)
+    assert bb.pool_positions(tokens).tolist() == tokens.argmax(-1).tolist()
+
+
+def test_hooks_that_break_their_contract_are_clear_errors(bb):
+    from vlprompt_core.api import ContractError
+
+    tokens = bb.tokenize(TEXTS[:2])
+    with pytest.raises(ContractError, match="text block_hook before block 1 changed the tokens"):
+        bb.encode_text_embeddings(bb.embed_tokens(tokens), tokens,
+                                  block_hook=lambda i, x: torch.cat([x, x[:, :1]], 1) if i == 1 else x)
+    x = bb.embed_image(images(2))
+    with pytest.raises(ContractError, match="batch size or width"):
+        bb.encode_image_tokens(x, block_hook=lambda i, t: t[:1])
+    with pytest.raises(ContractError, match=r"\[N, L, W\]"):
+        bb.encode_image_tokens(x, block_hook=lambda i, t: None)
+    # inserting and later removing image tokens is allowed
+    with torch.no_grad():
+        def insert_then_remove(i, t):
+            return torch.cat([t[:, :1], torch.zeros(2, 3, bb.vision_width), t[:, 1:]], 1) if i == 0 else t[:, :1]
+        out = bb.encode_image_tokens(x, block_hook=insert_then_remove)
+    assert out.shape == (2, bb.embed_dim)
+
+
+def test_capabilities_and_require(bb, tmp_path):
+    assert "vision_transformer" in bb.capabilities
+    bb.require("vision_transformer", "method x")  # no error
+    import json
+
+    cfg = tmp_path / "tiny_rn.json"
+    cfg.write_text(json.dumps({
+        "embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8},
+        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }))
+    rn = build_open_clip(OpenClipOptions(model=str(cfg), pretrained=None))
+    assert rn.capabilities == frozenset()
+    with pytest.raises(UserError) as exc:
+        rn.require("vision_transformer", "method 'provp'")
+    assert str(exc.value) == ("method 'provp' needs a ViT image tower (visual prompts go into its blocks); "
+                              "backbone tiny_rn (ModifiedResNet image tower) has none")
+    with pytest.raises(UserError, match="needs a ViT"):
+        rn.embed_image(torch.randn(1, 3, 32, 32))
+
+
+def test_check_lists_every_problem_without_loading(tmp_path):
+    from vlprompt_core.builtin.open_clip_backbone import check_open_clip
+
+    assert check_open_clip(OpenClipOptions()) == []  # the embedded default
+    assert check_open_clip(OpenClipOptions(model="ViT-B-32", pretrained="openai")) == []
+    assert check_open_clip(OpenClipOptions(model="nope", pretrained=str(tmp_path / "w.pt"))) == [
+        "backbone.model: unknown open_clip model 'nope' (see open_clip.list_models())",
+        f"backbone.pretrained: checkpoint file not found: {tmp_path / 'w.pt'}",
+    ]
+    assert check_open_clip(OpenClipOptions(model="ViT-B-32", pretrained="embedded")) == [
+        "backbone.pretrained: 'embedded' weights exist only for model 'vlprompt_tiny'"]
