@@ -28,6 +28,7 @@ COLOURS = {
 
 
 def write_tiny_config(folder: Path, name: str = "tiny_test") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.json"
     path.write_text(json.dumps(TINY_CONFIG))
     return path

@@ -1,0 +1,264 @@
+"""PMPO (reconstruction): the partition, the coupling, the combination rules, the prior,
+the single-prompt reduction, the method contract, and the wheel users install."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vlprompt_core.api import Batch, ClassSet
+from vlprompt_core.errors import UserError
+from vlprompt_core.prompting import PromptTable, PromptTemplate
+from vlprompt_core.testing import Case, MethodContract, tiny_backbone
+from vlprompt_kernels import cosine_logits
+from vlprompt_plugin_pmpo import PMPO, PMPOOptions, equal_groups
+
+NAMES = ["red", "green", "apple pie", "blue"]
+PLUGIN = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bb(tmp_path_factory):
+    return tiny_backbone(tmp_path_factory.mktemp("pmpo"))  # 2 image blocks
+
+
+def build(bb, seed=0, **opts):
+    torch.manual_seed(seed)
+    m = PMPO(bb, ClassSet(NAMES), PMPOOptions(**{"n_prompts": 2, **opts}))
+    with torch.no_grad():  # couplings far from their init scale, so visual tokens matter
+        for f in m.couplings:
+            f.weight.normal_(0, 0.5)
+    return m
+
+
+def images(bb, n=3, seed=0):
+    return torch.randn(n, 3, bb.image_size, bb.image_size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_equal_contiguous_groups():
+    assert equal_groups(12, 4) == [0, 3, 6, 9]
+    assert equal_groups(12, 5) == [0, 3, 6, 8, 10]
+    assert equal_groups(4, 4) == [0, 1, 2, 3]
+    assert equal_groups(9, 1) == [0]
+    with pytest.raises(UserError, match="at least 3 prompted image blocks"):
+        equal_groups(2, 3)
+
+
+def test_group_starts_are_validated():
+    with pytest.raises(ValueError, match="group_starts"):
+        PMPOOptions(n_prompts=2, group_starts=[1, 2])
+    with pytest.raises(ValueError, match="group_starts"):
+        PMPOOptions(n_prompts=2, group_starts=[0])
+    PMPOOptions(n_prompts=2, group_starts=[0, 1])
+
+
+def test_single_prompt_single_group_is_a_maple_like_coupled_prompt(bb):
+    """n_prompts 1, one group, insertion at the group start, no prior: exactly a
+    MaPLe-like single coupled prompt of depth 1 — text: [SOS] P {class} . [EOS];
+    image: the tokens F(P) appended after the patches *before* the pre-norm, nothing
+    replaced later; logits = s * cos(f, t)."""
+    m = build(bb, n_prompts=1, insertion="group_start", prior="none")
+    x = images(bb)
+    with torch.no_grad():
+        ctx, f_map = m.ctx[0], m.couplings[0]
+        text = PromptTable(bb, NAMES, PromptTemplate.with_context(2)).encode(bb, ctx)
+        tokens = bb.embed_image(x, pre_norm=False)
+        tokens = torch.cat([tokens, f_map(ctx).expand(3, -1, -1)], 1)
+        image = bb.encode_image_tokens(bb.vision_pre_norm(tokens))
+        expected = cosine_logits(F.normalize(image, dim=-1), text, bb.logit_scale)
+        m.eval()
+        assert torch.allclose(m(Batch(images=x)).logits, expected, atol=1e-5)
+
+
+def test_every_block_writes_the_groups_tokens_before_each_of_its_blocks(bb):
+    m = build(bb, n_prompts=2, insertion="every_block")
+    seen = {}
+    original = bb.encode_image_tokens
+
+    def spy(tokens, block_hook=None):
+        def hook(b, t):
+            out = block_hook(b, t)
+            seen[b] = out[:, -2:].clone()
+            return out
+        return original(tokens, block_hook=hook)
+
+    bb.encode_image_tokens = spy
+    try:
+        with torch.no_grad():
+            m.image_features(images(bb, 2))
+            visual = m.visual_prompts()
+    finally:
+        del bb.encode_image_tokens
+    assert m.group_starts == [0, 1]
+    # block 0: group 0's tokens, normalised with the rest; block 1: group 1's raw tokens
+    assert torch.allclose(seen[0], bb.vision_pre_norm(visual[0]).expand(2, -1, -1), atol=1e-6)
+    assert torch.equal(seen[1], visual[1].expand(2, -1, -1))
+
+
+def test_group_start_leaves_later_blocks_of_a_group_alone(tmp_path):
+    """Two prompts over a 4-block tower: groups [0, 1] and [2, 3]."""
+    from vlprompt_core.builtin.open_clip_backbone import OpenClipOptions, build_open_clip
+    from vlprompt_core.testing import TINY_CONFIG
+
+    cfg = dict(TINY_CONFIG, vision_cfg=dict(TINY_CONFIG["vision_cfg"], layers=4))
+    path = tmp_path / "tiny4.json"
+    path.write_text(json.dumps(cfg))
+    bb4 = build_open_clip(OpenClipOptions(model=str(path), pretrained=None))
+    for insertion, replaced in (("group_start", [2]), ("every_block", [1, 2, 3])):
+        m = build(bb4, n_prompts=2, insertion=insertion)
+        assert m.group_starts == [0, 2] and m.group_of_block == [0, 0, 1, 1]
+        visual = m.visual_prompts().detach()
+        hook_inputs = {}
+        original = bb4.encode_image_tokens
+
+        def spy(tokens, block_hook=None):
+            def hook(b, t):
+                out = block_hook(b, t)
+                hook_inputs[b] = (t[:, -2:].clone(), out[:, -2:].clone())
+                return out
+            return original(tokens, block_hook=hook)
+
+        bb4.encode_image_tokens = spy
+        try:
+            with torch.no_grad():
+                m.image_features(images(bb4, 1))
+        finally:
+            del bb4.encode_image_tokens
+        for b in range(1, 4):
+            before, after = hook_inputs[b]
+            if b in replaced:
+                assert torch.equal(after[0], visual[m.group_of_block[b]]), (insertion, b)
+            else:
+                assert torch.equal(after, before), (insertion, b)
+
+
+def test_combination_rules_by_hand(bb):
+    x = images(bb, 2)
+    for combine in ("mean_logits", "mean_features", "mean_probs"):
+        m = build(bb, combine=combine, prior="ensemble", prior_weight=0.4)
+        m.eval()
+        with torch.no_grad():
+            f = F.normalize(m.image_features(x), dim=-1)
+            t = F.normalize(m.text_features(), dim=-1)  # [2, C, D]
+            prior = m.prior_features
+            s = bb.logit_scale
+            members = [t[0], t[1], prior]
+            weights = [0.3, 0.3, 0.4]
+            if combine == "mean_logits":
+                expected = sum(w * s * f @ u.T for w, u in zip(weights, members))
+            elif combine == "mean_features":
+                mixed = sum(w * u for w, u in zip(weights, members))
+                expected = s * f @ F.normalize(mixed, dim=-1).T
+            else:
+                expected = sum(w * (s * f @ u.T).softmax(-1) for w, u in zip(weights, members)).log()
+            assert torch.allclose(m(Batch(images=x)).logits, expected, atol=1e-4), combine
+
+
+def test_prior_consistency_loss(bb):
+    m = build(bb, prior="loss", prior_loss_weight=3.0)
+    m.train()
+    out = m(Batch(images=images(bb, 2), labels=torch.tensor([0, 1])))
+    with torch.no_grad():
+        t = F.normalize(m.text_features(), dim=-1)
+        expected = 3.0 * (1 - (t * m.prior_features[None]).sum(-1)).mean()
+    assert out.losses["prior"].item() == pytest.approx(expected.item(), rel=1e-5)
+    m.eval()
+    assert m(Batch(images=images(bb, 2))).losses == {}
+    # 'loss' alone leaves the prior out of the ensemble: scores are the prompts' mean
+    with torch.no_grad():
+        f = F.normalize(m.image_features(images(bb, 2)), dim=-1)
+        expected = sum(0.5 * bb.logit_scale * f @ u.T for u in t)
+        assert torch.allclose(m(Batch(images=images(bb, 2))).logits, expected, atol=1e-4)
+
+
+def test_words_initialisation_keeps_the_rest_of_the_words(bb):
+    m = build(bb, ctx_init="a photo of a", n_ctx=2)
+    assert m.template.pieces[1:] == ("of a", "{}", ".")
+    photo = bb.embed_tokens(torch.tensor(bb.tokenize_words("a photo"))).float()
+    assert torch.equal(m.ctx.detach(), photo[None].repeat(2, 1, 1))
+    with pytest.raises(UserError, match="whole words"):
+        build(bb, ctx_init="photo", n_ctx=2)
+
+
+def test_shared_coupling_and_parameters(bb):
+    m = build(bb, coupling="shared", n_prompts=2)
+    assert len(m.couplings) == 1
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable == {"ctx", "couplings.0.weight", "couplings.0.bias"}
+    assert len(build(bb, n_prompts=2).couplings) == 2
+
+
+def test_text_features_once_per_evaluation(bb):
+    m = build(bb)
+    calls = []
+    original = m.text_features
+    m.text_features = lambda: calls.append(1) or original()
+    m.eval()
+    with torch.no_grad():
+        m(Batch(images=images(bb, 2)))
+        m(Batch(images=images(bb, 2, seed=1)))
+    assert len(calls) == 1
+
+
+def test_the_wheel_installs_into_a_fresh_environment_and_is_listed(tmp_path):
+    """``pip wheel`` builds the distribution users install; in a fresh virtual
+    environment that already has vlprompt, installing it adds ``pmpo`` to ``vlprompt list``."""
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(dist), str(PLUGIN)], check=True, capture_output=True)
+    (wheel,) = dist.glob("vlprompt_plugin_pmpo-*.whl")
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as zf:
+        meta = zf.read(next(n for n in zf.namelist() if n.endswith("METADATA"))).decode()
+        assert "vlprompt_plugin_pmpo/__init__.py" in zf.namelist()
+        entry_points = zf.read(next(n for n in zf.namelist() if n.endswith("entry_points.txt"))).decode()
+    assert "Requires-Dist: vlprompt>=0.1" in meta and "License-Expression: MIT" in meta
+    assert "Classifier: Topic :: Scientific/Engineering :: Artificial Intelligence" in meta
+    assert "pmpo = vlprompt_plugin_pmpo" in entry_points
+    assert "reconstruction" in meta  # the README is the long description users read first
+
+    # a fresh environment that sees vlprompt (and torch...) but no PMPO: the current
+    # environment's site-packages, minus this plug-in's installation
+    filtered = tmp_path / "site"
+    filtered.mkdir()
+    import sysconfig
+
+    for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
+        if "vlprompt_plugin_pmpo" not in entry.name and "vlprompt-plugin-pmpo" not in entry.name:
+            (filtered / entry.name).symlink_to(entry)
+    fresh = tmp_path / "fresh"
+    venv.EnvBuilder(with_pip=True).create(fresh)
+    py = fresh / "bin" / "python"
+    purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    (Path(purelib) / "_vlprompt_env.pth").write_text(f"import site; site.addsitedir({str(filtered)!r})\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop("PYTHONPATH", None)
+
+    def listed():
+        out = subprocess.run([str(py), "-m", "vlprompt_core.cli", "list", "--json"], capture_output=True,
+                             text=True, env=env, check=True).stdout
+        return {r["name"]: r["distribution"] for r in json.loads(out)["registered"] if r["kind"] == "method"}
+
+    before = listed()
+    assert "pmpo" not in before and "coop" in before
+    subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True, env=env,
+                   capture_output=True)
+    assert listed()["pmpo"] == "vlprompt-plugin-pmpo"
+
+
+class TestPMPOContract(MethodContract):
+    method = "pmpo"
+    cases = [Case({"n_prompts": 2}),
+             Case({"n_prompts": 1, "insertion": "group_start", "coupling": "shared", "combine": "mean_probs",
+                   "prior": "both", "ctx_init": "a photo of a"}),
+             Case({"n_prompts": 2, "combine": "mean_features", "prior": "none"})]
