@@ -67,7 +67,8 @@ def subsample(items: list[Item], labels: list[int]) -> list[Item]:
 
 
 def _subclasses(classes: ClassSet, labels: list[int]) -> ClassSet:
-    return ClassSet([classes.names[i] for i in labels], classes.templates)
+    """The classes at ``labels``, with the dataset's templates and ensemble."""
+    return replace(classes, names=[classes.names[i] for i in labels])
 
 
 def base2novel_plan(opts: FewShotOptions, ctx: ProtocolContext) -> Plan:
