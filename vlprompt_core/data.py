@@ -559,22 +559,97 @@ def read_rgb(path: Path) -> Image.Image | Unreadable:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """``(image tensor, label)`` pairs read from disk."""
+    """``(image tensor, label)`` pairs read from disk.
 
-    def __init__(self, items: list[Item], transform):
+    An image that cannot be read raises a one-line :class:`UserError` naming it;
+    with ``defer_errors`` it comes back as an :class:`Unreadable` instead, so that a
+    data-loader worker never raises (see :class:`ImageLoader`)."""
+
+    def __init__(self, items: list[Item], transform, defer_errors: bool = False):
         self.items = items
         self.transform = transform
+        self.defer_errors = defer_errors
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int):
         item = self.items[i]
-        try:
-            with Image.open(item.path) as im:
-                img = im.convert("RGB")
-        except FileNotFoundError:
-            raise UserError(f"{item.path}: image file not found") from None
-        except (UnidentifiedImageError, OSError) as exc:
-            raise UserError(f"{item.path}: cannot read image ({exc})") from None
+        img = read_rgb(item.path)
+        if isinstance(img, Unreadable):
+            if self.defer_errors:
+                return img, item.label
+            raise UserError(img.message())
         return self.transform(img), item.label
+
+
+def collate_readable(batch):
+    """``(images, labels, unreadable)``: the readable images stacked, and the
+    :class:`Unreadable` entries left out (``images`` is None if none was readable)."""
+    good = [(x, y) for x, y in batch if not isinstance(x, Unreadable)]
+    bad = [x for x, _ in batch if isinstance(x, Unreadable)]
+    images = torch.stack([x for x, _ in good]) if good else None
+    return images, torch.tensor([y for _, y in good], dtype=torch.long), bad
+
+
+class UnreadableImages:
+    """Images left out of a run because they could not be read (each once)."""
+
+    def __init__(self):
+        self.reasons: dict[str, str] = {}
+
+    def add(self, image: Unreadable) -> None:
+        self.reasons.setdefault(image.path, image.reason)
+
+    def __len__(self) -> int:
+        return len(self.reasons)
+
+    def summary(self, shown: int = 20) -> dict:
+        """For ``results.json``: how many, and the first ``shown`` with the reason."""
+        return {"count": len(self.reasons),
+                "examples": [{"path": p, "reason": r} for p, r in list(self.reasons.items())[:shown]]}
+
+
+UNREADABLE_POLICIES = ("error", "skip")
+
+
+class ImageLoader:
+    """Batches ``(images, labels)`` of ``items`` through a torch DataLoader.
+
+    An image that cannot be read never surfaces as a traceback from a worker
+    process: workers hand it back as :class:`Unreadable`, and here it either stops
+    the run with a one-line :class:`UserError` naming the file (``on_unreadable=
+    "error"``) or is left out of its batch and recorded in ``unreadable``
+    (``"skip"``)."""
+
+    def __init__(self, items: list[Item], transform, batch_size: int, shuffle: bool = False,
+                 num_workers: int = 0, seed: int = 0, on_unreadable: str = "error",
+                 unreadable: UnreadableImages | None = None):
+        if on_unreadable not in UNREADABLE_POLICIES:
+            raise ValueError(f"on_unreadable must be one of {UNREADABLE_POLICIES}, not {on_unreadable!r}")
+        self.on_unreadable = on_unreadable
+        self.unreadable = unreadable if unreadable is not None else UnreadableImages()
+        self.loader = torch.utils.data.DataLoader(
+            ImageDataset(items, transform, defer_errors=True),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(items) >= batch_size,
+            num_workers=num_workers,
+            generator=torch.Generator().manual_seed(seed),
+            collate_fn=collate_readable,
+        )
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for images, labels, bad in self.loader:
+            if bad and self.on_unreadable == "error":
+                raise UserError(
+                    f"{bad[0].message()}; replace or remove the file, or set 'train: {{unreadable_images: skip}}' "
+                    "to leave unreadable images out (they are counted in results.json)"
+                )
+            for image in bad:
+                self.unreadable.add(image)
+            if images is not None:
+                yield images, labels
