@@ -283,6 +283,7 @@ def break_unknown_variant(folder, spec):
 
 
 def break_extra_class_folder(folder, spec):
+    (folder / "imagenet-a" / "README.txt").write_text("not a class: ignored")
     (folder / "imagenet-a" / "n99999999").mkdir()
 
 
@@ -426,6 +427,13 @@ def test_folder_dataset_with_a_yaml_beside_the_images(reg, tmp_path):
     # the run spec's section wins over the YAML
     ds = entry.load(entry.options(path=root, templates=["{}!"]))
     assert ds.classes.templates == ["{}!"] and ds.classes.names[0] == "blue jay"
+
+    numbered = tmp_path / "numbered"
+    for d in ("0", "1"):
+        _images(numbered / d, 2)
+    (numbered / "dataset.yaml").write_text("classnames: {1: owl, 0: hawk}\n")  # YAML reads the keys as numbers
+    ds = entry.load(entry.options(path=numbered))
+    assert ds.classes.names == ["owl", "hawk"] and {it.path.parent.name for it in ds.train if it.label == 0} == {"1"}
 
     (root / "dataset.yaml").write_text("classnames: [robin, blue jay]\ncolour: red\n")
     with pytest.raises(UserError) as exc:

@@ -484,7 +484,8 @@ def _load_split_dict(name, path, data, base, templates, classnames, ensemble) ->
             raise UserError(f"{path}: no row names label(s) {_first(gaps) or '0'}: give the class list "
                             "(classnames) so every label has a name")
         classnames = [by_label[i] for i in range(len(by_label))]
-    classes = ClassSet([prompt_name(c) for c in classnames], list(templates), ensemble)
+    names = list(classnames.values()) if isinstance(classnames, dict) else list(classnames)
+    classes = ClassSet([prompt_name(c) for c in names], list(templates), ensemble)
     return load_split_file(name, path, base, classes)
 
 

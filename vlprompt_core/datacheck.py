@@ -61,7 +61,7 @@ def expected_layout(spec: DatasetSpecFile, root: Path) -> list[str]:
     wnids = dirs and all(len(d) == 9 and d[0] == "n" and d[1:].isdigit() for d in dirs)
     what = "named by label, 0 .. " + str(len(spec.classnames) - 1) if spec.class_dirs == "index" else (
         "named by wnid" if wnids else "one per class")
-    return [top, f"  {img}{example}/*.jpg  ({len(spec.classnames)} class folders, {what})"]
+    return [top, f"  {img}{example}/*  ({len(spec.classnames)} class folders, {what})"]
 
 
 def root_hint(spec: DatasetSpecFile, root: Path) -> str:

@@ -45,6 +45,15 @@ DEFAULT_TEMPLATES = ["a photo of a {}."]
 Split = Literal["train", "val", "test"]
 
 
+def _names_as_text(value):
+    """Class lists from YAML: folder names like ``0`` or ``1998`` arrive as numbers."""
+    if isinstance(value, dict):
+        return {str(k): str(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [v if isinstance(v, str) else str(v) for v in value]
+    return value
+
+
 def _templates_have_slot(value: list[str] | None) -> list[str] | None:
     bad = [t for t in value or [] if "{}" not in t]
     if bad:
@@ -92,6 +101,8 @@ class DatasetSpecFile(BaseModel):
     ensemble: list[str] | None = Field(None, min_length=1)
     #: Canonical class names; index = label.
     classnames: list[str] | None = Field(None, min_length=1)
+
+    _text = field_validator("classnames", "class_dirs", mode="before")(lambda cls, v: _names_as_text(v))
     #: Published number of images per split (reported by ``vlprompt data check``).
     sizes: dict[Split, int] | None = None
     #: Home page.
@@ -398,6 +409,7 @@ class DataInfo(BaseModel):
     ensemble: list[str] | None = Field(None, min_length=1)
 
     _slots = field_validator("templates", "ensemble")(lambda cls, v: _templates_have_slot(v))
+    _text = field_validator("classnames", mode="before")(lambda cls, v: _names_as_text(v))
 
 
 def read_data_info(path: Path) -> DataInfo:
@@ -424,6 +436,7 @@ class CustomOptions(Options):
     ensemble: list[str] | None = Field(None, min_length=1, description="prompt ensemble (templates: ensemble)")
 
     _slots = field_validator("templates", "ensemble")(lambda cls, v: _templates_have_slot(v))
+    _text = field_validator("classnames", mode="before")(lambda cls, v: _names_as_text(v))
 
     def resolved(self, info: DataInfo) -> dict:
         """Settings of the section, else of the YAML beside the data, else defaults."""
