@@ -22,7 +22,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .. import hookimpl
 from ..api import ClassSet, DatasetEntry, DatasetSplits, Options
 from ..data import (
-    SPLITS,
     Scan,
     class_folder_problems,
     default_data_root,
@@ -527,5 +526,3 @@ def vlprompt_datasets() -> list[DatasetEntry]:
                                 "(your own images)", check=_check_by_loading(load_json_)))
     return plugins
 
-
-__all__ = ["DatasetSpecFile", "SPLITS", "read_spec_files", "spec_dirs"]
