@@ -47,10 +47,18 @@ class Item:
 
 @dataclass(frozen=True)
 class ClassSet:
-    """The classes a classifier is built for: canonical names and prompt templates."""
+    """The classes a classifier is built for: canonical names and prompt templates.
+
+    ``templates`` are the dataset's own hand-written prompt(s), the first one being
+    *the* zero-shot prompt; ``ensemble`` is the prompt ensemble the literature uses
+    for this dataset (``None``: the dataset's templates plus
+    :data:`~vlprompt_core.prompting.ENSEMBLE_TEMPLATES`); see
+    :func:`~vlprompt_core.prompting.templates_for`.
+    """
 
     names: list[str]
     templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
+    ensemble: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.names)

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .api import Batch, ContractError, EvalSet, Item, ParamGroup, PromptMethod, ProtocolContext
-from .data import ImageDataset, test_transform, train_transform
+from .data import ImageLoader, UnreadableImages, test_transform, train_transform
 from .errors import UserError
 from .plugins import Registry
 from .recipes import ResolvedMethod
@@ -119,16 +119,10 @@ class ProgressReporter:
     stop: Callable[[Any], None] = lambda task: None
 
 
-def _loader(items: list[Item], transform, batch_size: int, settings: TrainSpec, shuffle: bool, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(
-        ImageDataset(items, transform),
-        batch_size=batch_size,
-        shuffle=shuffle,
-        drop_last=shuffle and len(items) >= batch_size,
-        num_workers=settings.num_workers,
-        generator=gen,
-    )
+def _loader(items: list[Item], transform, batch_size: int, settings: TrainSpec, shuffle: bool, seed: int = 0,
+            unreadable: UnreadableImages | None = None):
+    return ImageLoader(items, transform, batch_size, shuffle=shuffle, num_workers=settings.num_workers, seed=seed,
+                       on_unreadable=settings.unreadable_images, unreadable=unreadable)
 
 
 def _file_label(label: str) -> str:
@@ -195,6 +189,7 @@ class Engine:
         self.methods: list[ResolvedMethod] = resolve_methods(self.spec, self.registry)
         self._features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._datasets: dict[str, Any] = {}
+        self.unreadable = UnreadableImages()  # images left out under train.unreadable_images: skip
 
     # ----------------------------------------------------------------- setup
     def spec_hash(self) -> str:
@@ -311,7 +306,8 @@ class Engine:
         order = {m.label: i for i, m in enumerate(self.methods)}
         runs.sort(key=lambda r: (order.get(r["method"], len(order)), r["seed"]))
         timings["total"] = time.perf_counter() - t0
-        record.update(status="complete", summary=aggregate(runs), time_s=timings)
+        record.update(status="complete", summary=aggregate(runs), time_s=timings,
+                      unreadable_images=self.unreadable.summary())
         atomic_write_json(self.results_path, record)
         (self.output / "results.md").write_text(markdown_table(record["summary"], self.title()))
         hook.vlprompt_run_end(results=record, output_dir=str(self.output))
@@ -396,7 +392,8 @@ class Engine:
         backbone = method.backbone
         optimizer = make_optimizer(optimizer_groups(method), settings)
         tf = train_transform(backbone.image_size, backbone.image_mean, backbone.image_std, settings.crop_scale)
-        loader = _loader(plan.train, tf, settings.batch_size, settings, shuffle=True, seed=seed)
+        loader = _loader(plan.train, tf, settings.batch_size, settings, shuffle=True, seed=seed,
+                         unreadable=self.unreadable)
         method.set_classes(plan.classes)
         method.train()
         log = []
@@ -442,7 +439,8 @@ class Engine:
         key = hashlib.sha1(f"{settings.precision}\n{items}".encode()).hexdigest()
         if key not in self._features:
             tf = test_transform(backbone.image_size, backbone.image_mean, backbone.image_std)
-            loader = _loader(eval_set.items, tf, settings.eval_batch_size, settings, shuffle=False)
+            loader = _loader(eval_set.items, tf, settings.eval_batch_size, settings, shuffle=False,
+                             unreadable=self.unreadable)
             feats, labels = [], []
             task = self.progress.start(f"features: {eval_set.name}", len(loader))
             for images, y in loader:
@@ -451,6 +449,8 @@ class Engine:
                 labels.append(y)
                 self.progress.advance(task, 1)
             self.progress.stop(task)
+            if not feats:
+                raise UserError(f"{eval_set.name}: none of its {len(eval_set.items)} images could be read")
             self._features[key] = (torch.cat(feats), torch.cat(labels).to(self.device))
         return self._features[key]
 
@@ -467,7 +467,7 @@ class Engine:
             return
         backbone = method.backbone
         tf = test_transform(backbone.image_size, backbone.image_mean, backbone.image_std)
-        loader = _loader(eval_set.items, tf, bs, settings, shuffle=False)
+        loader = _loader(eval_set.items, tf, bs, settings, shuffle=False, unreadable=self.unreadable)
         task = self.progress.start(f"{label}: eval {eval_set.name}", len(loader))
         offset = 0
         for images, y in loader:
@@ -485,10 +485,13 @@ class Engine:
             raise UserError(f"{eval_set.name}: the evaluation split is empty")
         method.eval()
         method.set_classes(eval_set.classes)
-        correct = 0
+        correct = scored = 0
         for batch in self.eval_batches(label, method, eval_set, settings):
             with autocast(self.device, settings.precision):
                 scores = method.predict(method(batch))
             _check_scores(method, scores, batch, len(eval_set.classes))
             correct += (scores.argmax(-1) == batch.labels).sum().item()
-        return 100.0 * correct / len(eval_set.items)
+            scored += len(batch.labels)  # unreadable images left out are not scored
+        if not scored:
+            raise UserError(f"{eval_set.name}: none of its {len(eval_set.items)} images could be read")
+        return 100.0 * correct / scored

@@ -41,16 +41,24 @@ ENSEMBLE_TEMPLATES = [
     "a photo of the small {}.",
 ]
 
-#: ``"dataset"`` (the dataset's first template), ``"ensemble"`` (the dataset's
-#: templates and :data:`ENSEMBLE_TEMPLATES`), or a list of templates with ``{}``.
+#: ``"dataset"`` (the dataset's first template), ``"ensemble"`` (the dataset's prompt
+#: ensemble, see :func:`templates_for`), or a list of templates with ``{}``.
 TemplateChoice = Union[Literal["dataset", "ensemble"], list[str]]
 
 
 def templates_for(choice: TemplateChoice, classes: ClassSet) -> list[str]:
-    """The hand-written templates ``choice`` stands for on ``classes``."""
+    """The hand-written templates ``choice`` stands for on ``classes``.
+
+    ``"ensemble"`` is ``classes.ensemble`` when the dataset names one (its spec
+    file's ``ensemble:``, e.g. the reference ``ZeroshotCLIP2``'s 7 templates alone for
+    ImageNet, the 7 plus the dataset's own template elsewhere), else the dataset's
+    templates followed by :data:`ENSEMBLE_TEMPLATES`.
+    """
     if choice == "dataset":
         return classes.templates[:1]
     if choice == "ensemble":
+        if classes.ensemble:
+            return list(dict.fromkeys(classes.ensemble))
         return list(dict.fromkeys(classes.templates + ENSEMBLE_TEMPLATES))
     return list(choice)
 

@@ -45,6 +45,10 @@ class TrainSpec(BaseModel):
     seeds: list[int] = Field(default_factory=lambda: [1, 2, 3], min_length=1)
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ...")
     num_workers: int = Field(0, ge=0, description="data-loading worker processes")
+    unreadable_images: Literal["error", "skip"] = Field(
+        "error", description="an image file that cannot be read: 'error' stops the run naming the file; "
+        "'skip' leaves it out and counts it in results.json (unreadable_images)"
+    )
 
     @field_validator("crop_scale")
     @classmethod
@@ -61,7 +65,7 @@ TrainOverride = create_model(
     **{
         name: (Optional[field.annotation], Field(None, description=field.description))
         for name, field in TrainSpec.model_fields.items()
-        if name not in ("seeds", "device", "num_workers")
+        if name not in ("seeds", "device", "num_workers", "unreadable_images")
     },
 )
 

@@ -18,6 +18,7 @@ from pydantic import Field
 from .. import hookimpl
 from ..api import ClassSet, DatasetRef, EvalSet, Item, Options, Plan, ProtocolContext, ProtocolEntry
 from ..data import sample_few_shot
+from ..errors import UserError
 
 
 class FewShotOptions(Options):
@@ -36,6 +37,11 @@ def harmonic_mean(base: float, novel: float) -> float:
 def _shots(ctx: ProtocolContext, shots: int) -> tuple[list[Item], list[Item]]:
     """The few-shot train and val samples: K and min(K, 4) per class, keyed by (dataset, K, seed)."""
     ds = ctx.dataset
+    if not ds.train:
+        raise UserError(
+            f"dataset {ds.name!r} has no training images (its train split is empty); a test-only dataset "
+            "(e.g. the ImageNet variants) can only be a target of cross_dataset or domain_generalisation"
+        )
     train = sample_few_shot(ds.train, shots, f"{ds.name}:train:{shots}:{ctx.seed}")
     val = sample_few_shot(ds.val, min(shots, 4), f"{ds.name}:val:{shots}:{ctx.seed}")
     return train, val
@@ -67,7 +73,8 @@ def subsample(items: list[Item], labels: list[int]) -> list[Item]:
 
 
 def _subclasses(classes: ClassSet, labels: list[int]) -> ClassSet:
-    return ClassSet([classes.names[i] for i in labels], classes.templates)
+    """The classes at ``labels``, with the dataset's templates and ensemble."""
+    return replace(classes, names=[classes.names[i] for i in labels])
 
 
 def base2novel_plan(opts: FewShotOptions, ctx: ProtocolContext) -> Plan:

@@ -14,8 +14,9 @@ from ..prompting import TemplateChoice, check_templates, class_text_features, te
 class ZeroShotOptions(Options):
     templates: TemplateChoice = Field(
         "dataset",
-        description="'dataset': the dataset's first template; 'ensemble': the dataset's templates plus "
-        "the 7 reference ensemble templates, features averaged; or a list of templates with '{}'",
+        description="'dataset': the dataset's first template; 'ensemble': the dataset's prompt ensemble as "
+        "the literature uses it (its spec file's 'ensemble'; otherwise its templates plus the 7 reference "
+        "ensemble templates), features averaged; or a list of templates with '{}'",
     )
 
     _has_slot = field_validator("templates")(check_templates)
