@@ -47,42 +47,47 @@ def _cast_out(x, out_ptr, OUT_BF16: tl.constexpr):
 @triton.jit
 def assemble_fwd_kernel(
     base_ptr, ctx_ptr, slots_ptr, pos_ptr, out_ptr,
-    rows, C, L, D,
-    ctx_stride_n, ctx_stride_c,
+    N, CL, D,
+    ctx_stride_n, ctx_stride_c, L,
     HAS_POS: tl.constexpr, OUT_BF16: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """``out[n, c, t, :] = (ctx[n, c', slots[c, t]] if slots[c, t] >= 0 else base[c, t]) + pos[t]``.
 
-    One program writes ``BLOCK_R`` consecutive output rows (``rows = N*C*L``) by
-    ``BLOCK_D`` features. Each row reads either its context vector or its base
-    token (masked loads: never both) and the positional row, and is written
-    once: the compulsory traffic, with no gathered or concatenated temporary.
+    One program owns ``BLOCK_R`` consecutive ``(c, t)`` token rows (of ``CL = C*L``)
+    by ``BLOCK_D`` features and loops over the ``N`` prompt copies (images,
+    samples): base tokens and positional rows are read once and written N times,
+    only context rows are read per copy (masked loads: a row reads its context
+    vector or its base token, never both). So the traffic is the output written
+    once plus the inputs read once, with no gathered or concatenated temporary:
+    the per-image ``[N*C, L, D]`` prompts of CoCoOp cost one write.
     ``ctx`` is ``[N, C or 1, M, D]`` contiguous; ``ctx_stride_c`` is 0 when one
     context serves every class.
     """
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    r_ok = r < rows
+    r_ok = r < CL
     d_ok = d < D
     t = r % L
-    nc = r // L
-    c = nc % C
-    n = nc // C
-    slot = tl.load(slots_ptr + c * L + t, mask=r_ok, other=-1).to(tl.int64)
+    c = r // L
+    slot = tl.load(slots_ptr + r, mask=r_ok, other=-1).to(tl.int64)
     from_ctx = slot >= 0
     m_ctx = (r_ok & from_ctx)[:, None] & d_ok[None, :]
     m_base = (r_ok & (slot < 0))[:, None] & d_ok[None, :]
-    ctx_row = n * ctx_stride_n + c * ctx_stride_c + slot * D
-    v_ctx = tl.load(ctx_ptr + ctx_row[:, None] + d[None, :], mask=m_ctx, other=0.0).to(tl.float32)
-    v_base = tl.load(base_ptr + (c * L + t)[:, None] * D + d[None, :], mask=m_base, other=0.0).to(tl.float32)
-    v = tl.where(from_ctx[:, None], v_ctx, v_base)
+    m_out = r_ok[:, None] & d_ok[None, :]
+    v_base = tl.load(base_ptr + r[:, None] * D + d[None, :], mask=m_base, other=0.0).to(tl.float32)
     if HAS_POS:
-        v += tl.load(pos_ptr + t[:, None] * D + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0).to(
-            tl.float32
-        )
-    out_mask = r_ok[:, None] & d_ok[None, :]
-    tl.store(out_ptr + r[:, None] * D + d[None, :], _cast_out(v, out_ptr, OUT_BF16), mask=out_mask)
+        pos = tl.load(pos_ptr + t[:, None] * D + d[None, :], mask=m_out, other=0.0).to(tl.float32)
+        v_base += pos
+    ctx_off = (c * ctx_stride_c + slot * D)[:, None] + d[None, :]
+    out_off = r[:, None] * D + d[None, :]
+    for n in range(N):
+        n64 = tl.cast(n, tl.int64)  # n * C*L*D passes 2**31 at research shapes
+        v = tl.load(ctx_ptr + n64 * ctx_stride_n + ctx_off, mask=m_ctx, other=0.0).to(tl.float32)
+        if HAS_POS:
+            v += pos
+        v = tl.where(from_ctx[:, None], v, v_base)
+        tl.store(out_ptr + n64 * CL * D + out_off, _cast_out(v, out_ptr, OUT_BF16), mask=m_out)
 
 
 @triton.jit

@@ -81,17 +81,15 @@ class _Assemble(torch.autograd.Function):
         slots32 = slots.to(device=base.device, dtype=torch.int32).contiguous()
         ctx_c = ctx.contiguous()
         m = ctx.shape[-2]
-        rows = n_rep * n_cls * length
         if out.numel():
-            guard = _device_guard(base.device)
             block_d = _pow2(dim, 16, 256)
-            block_r = max(2048 // block_d, 1)  # 16 elements a thread: ~100 registers on sm_90, no spills
+            block_r = max(2048 // block_d, 1)  # 16 elements a thread
             pos = positional[:length].contiguous() if positional is not None else out
-            with guard:
-                K.assemble_fwd_kernel[(triton.cdiv(rows, block_r), triton.cdiv(dim, block_d))](
+            with _device_guard(base.device):
+                K.assemble_fwd_kernel[(triton.cdiv(n_cls * length, block_r), triton.cdiv(dim, block_d))](
                     base.contiguous(), ctx_c, slots32, pos, out,
-                    rows, n_cls, length, dim,
-                    groups * m * dim, m * dim if groups > 1 else 0,
+                    n_rep, n_cls * length, dim,
+                    groups * m * dim, m * dim if groups > 1 else 0, length,
                     HAS_POS=positional is not None, OUT_BF16=out_dtype == torch.bfloat16,
                     BLOCK_R=block_r, BLOCK_D=block_d,
                 )  # fmt: skip
