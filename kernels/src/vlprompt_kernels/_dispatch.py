@@ -74,7 +74,14 @@ def requested() -> tuple[str, str]:
 
 
 def interpreting() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET``)."""
+    """Whether the Triton kernels run in Triton's CPU interpreter.
+
+    Triton reads ``TRITON_INTERPRET`` when the kernels are defined, so once the
+    backend is imported the answer is fixed by how its kernels were built;
+    before that it is what the environment says.
+    """
+    if _triton is not None and _triton[0] is not None:
+        return _triton[0].INTERPRETED
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 

@@ -22,6 +22,9 @@ from ._checks import check_assemble, check_cosine
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+# Triton decides at definition time (TRITON_INTERPRET) whether kernels are compiled or interpreted
+INTERPRETED = type(K.assemble_fwd_kernel).__name__ == "InterpretedFunction"
+
 
 def unsupported(op: str, *tensors: torch.Tensor | None, scale=None) -> str | None:
     """Why this backend cannot run ``op`` on these inputs, or None if it can."""
