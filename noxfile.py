@@ -1,4 +1,4 @@
-"""Developer sessions: ``nox -s tests``, ``nox -s quickstart``, ``nox -s lint``.
+"""Developer sessions: ``nox -s tests``, ``nox -s quickstart``, ``nox -s lint``, ``nox -s bench``.
 
 Each session installs the project the way ``scripts/bootstrap.sh`` does (torch
 pinned to the builds kept on these machines, everything else editable).
@@ -32,6 +32,16 @@ def quickstart(session: nox.Session) -> None:
 
 
 @nox.session
+def bench(session: nox.Session) -> None:
+    """Kernel benchmark (benchmarks/README.md): research shapes on a CUDA GPU, smoke mode
+    elsewhere (Triton in its interpreter). Arguments go to the script, e.g.
+    ``nox -s bench -- --dtype bf16 --json bench.json``."""
+    install(session)
+    # no TRITON_INTERPRET here: on a GPU the kernels must be compiled (the script sets it on CPUs)
+    session.run("python", "benchmarks/kernels.py", *session.posargs, env={"HF_HUB_OFFLINE": "1"})
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff")
-    session.run("ruff", "check", "vlprompt_core", "kernels", "plugins", "tests")
+    session.run("ruff", "check", "vlprompt_core", "kernels", "plugins", "tests", "benchmarks")
