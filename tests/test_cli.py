@@ -163,7 +163,7 @@ def test_validate_checks_models_weights_and_split_files_before_running(world, tm
         expected.append(f"backbone.pretrained: checkpoint file not found: {tmp_path / 'weights' / 'missing.pt'}")
     if problem in ("missing split file", "all three"):
         dataset = {"name": "nosplit", "root": str(data)}
-        expected.append(f"dataset: split file not found: {data / 'nosplit' / 'split_zhou_NoSplit.json'}")
+        expected.append(f"dataset: {data / 'nosplit' / 'split_zhou_NoSplit.json'}: split file not found")
     spec = write_spec(tmp_path / "spec.yaml", world, {"name": "few_shot"}, backbone=backbone, dataset=dataset)
     for command in ("validate", "run"):
         proc = vlprompt(command, str(spec), env_extra={"VLPROMPT_DATASETS_SPEC": specs})
