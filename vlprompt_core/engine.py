@@ -248,6 +248,17 @@ class Engine:
         """Train and score every (method, seed) pair not already done; with
         ``checkpoints_from`` (a results folder), score the prompts trained there instead
         of training (``vlprompt eval``)."""
+        import vlprompt_kernels
+
+        choice = self.spec.train.kernels
+        previous = vlprompt_kernels.use_backend(choice) if choice is not None else None
+        try:
+            return self._run(checkpoints_from)
+        finally:
+            if choice is not None:
+                vlprompt_kernels.use_backend(previous)
+
+    def _run(self, checkpoints_from: Path | None) -> dict:
         spec = self.spec
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
@@ -265,6 +276,7 @@ class Engine:
         protocol = self.registry.get("protocol", spec.protocol.name)
         timings["dataset"] = time.perf_counter() - td
 
+        kernels = self._kernels()
         sources = self._checkpoint_sources(checkpoints_from) if checkpoints_from is not None else None
         wanted = {(self._run_key(m, s, sources), s) for m in self.methods for s in spec.train.seeds}
         self.output.mkdir(parents=True, exist_ok=True)
@@ -278,6 +290,7 @@ class Engine:
             "methods": {m.label: m.describe() for m in self.methods},
             "versions": package_versions(self._plugin_distributions()),
             "device": str(self.device),
+            "kernels": kernels,
             "runs": runs,
         }
         if checkpoints_from is not None:
@@ -312,6 +325,17 @@ class Engine:
         (self.output / "results.md").write_text(markdown_table(record["summary"], self.title()))
         hook.vlprompt_run_end(results=record, output_dir=str(self.output))
         return record
+
+    def _kernels(self) -> dict:
+        """Select the fused-op backend (``train.kernels``, else ``$VLPROMPT_KERNELS``, else
+        auto), say which one runs, once, and return the record for ``results.json``."""
+        import vlprompt_kernels
+
+        info = vlprompt_kernels.backend_info(self.device)
+        if info.get("backend") is None:
+            raise UserError(f"train.kernels: {info.get('error') or 'the Triton kernels cannot run here'}")
+        self.log(f"kernels: {info['backend']} on {info['device']} ({info['reason']})")
+        return info
 
     def _run_key(self, m: ResolvedMethod, seed: int, sources: dict | None) -> str:
         """Trained pairs are keyed by their settings; scored-only pairs also by the checkpoint."""

@@ -144,7 +144,7 @@ def run_context(spec) -> dict[str, Any]:
 
 
 #: Train fields that do not change what a (method, seed) pair computes.
-_NOT_IN_KEY = {"seeds", "device", "num_workers", "eval_batch_size", "unreadable_images"}
+_NOT_IN_KEY = {"seeds", "device", "num_workers", "eval_batch_size", "unreadable_images", "kernels"}
 
 
 def resolve_method(spec, section, label: str, entry) -> ResolvedMethod:

@@ -45,6 +45,9 @@ class TrainSpec(BaseModel):
     seeds: list[int] = Field(default_factory=lambda: [1, 2, 3], min_length=1)
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ...")
     num_workers: int = Field(0, ge=0, description="data-loading worker processes")
+    kernels: Literal["auto", "reference", "triton"] | None = Field(
+        None, description="backend of the fused ops: 'triton' (CUDA), 'reference' (PyTorch) or 'auto'; "
+        "default: $VLPROMPT_KERNELS, else auto")
     unreadable_images: Literal["error", "skip"] = Field(
         "error", description="an image file that cannot be read: 'error' stops the run naming the file; "
         "'skip' leaves it out and counts it in results.json (unreadable_images)"
@@ -65,7 +68,7 @@ TrainOverride = create_model(
     **{
         name: (Optional[field.annotation], Field(None, description=field.description))
         for name, field in TrainSpec.model_fields.items()
-        if name not in ("seeds", "device", "num_workers", "unreadable_images")
+        if name not in ("seeds", "device", "num_workers", "kernels", "unreadable_images")
     },
 )
 

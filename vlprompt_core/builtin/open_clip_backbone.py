@@ -255,8 +255,9 @@ class OpenClipBackbone(VisionLanguageBackbone):
         return self.text_head(x, tokens)
 
     def text_head(self, hidden, tokens):
-        x = self.text.ln_final(hidden)
-        x = x[torch.arange(x.shape[0], device=x.device), self.pool_positions(tokens)]
+        # the pooled token first, then the (per-token) final norm: the same numbers, less work
+        x = hidden[torch.arange(hidden.shape[0], device=hidden.device), self.pool_positions(tokens)]
+        x = self.text.ln_final(x)
         proj = self.text.text_projection
         if proj is None:
             return x
