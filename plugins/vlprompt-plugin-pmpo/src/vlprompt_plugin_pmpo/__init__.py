@@ -37,7 +37,7 @@ from vlprompt_kernels import cosine_logits
 class PMPOOptions(Options):
     """``method: {name: pmpo, ...}``; every open design choice is an option (README)."""
 
-    n_prompts: int = Field(4, ge=1, description="number of learned text prompts N (= depth groups)")
+    n_prompts: int = Field(2, ge=1, description="number of learned text prompts N (= depth groups)")
     n_ctx: int = Field(2, ge=1, description="learned context vectors per prompt (= visual tokens per group)")
     ctx_init: str = Field(
         "", description="initialise every prompt from these words (the first n_ctx are learned, the rest stay "
@@ -47,14 +47,14 @@ class PMPOOptions(Options):
     group_starts: list[int] | None = Field(
         None, description="first block of each group (ascending, starting at 0; default: equal contiguous groups)")
     insertion: Literal["group_start", "every_block"] = Field(
-        "every_block", description="write group i's visual tokens once, at its first block, or before every "
+        "group_start", description="write group i's visual tokens once, at its first block, or before every "
         "block of the group")
     coupling: Literal["per_prompt", "shared"] = Field(
         "per_prompt", description="one linear text->vision map per prompt, or one shared by all")
     combine: Literal["mean_logits", "mean_features", "mean_probs"] = Field(
         "mean_logits", description="how the prompts' class scores are averaged")
     prior: Literal["ensemble", "loss", "both", "none"] = Field(
-        "ensemble", description="the hand-written templates' class features as an extra ensemble member, as a "
+        "none", description="the hand-written templates' class features as an extra ensemble member, as a "
         "consistency loss on each prompt's class features, both, or neither")
     prior_weight: float = Field(
         0.2, ge=0, le=1, description="weight of the prior member in the ensemble (the N prompts share the rest)")
