@@ -106,7 +106,7 @@ def run(world, registry, output, **train):
     reg = capturing(registry, store)
     spec = make_spec(world, reg, output, **train)
     store["spec"] = spec
-    store["record"] = Engine(spec, reg, log=store["log"].append).run()
+    store["record"] = Engine(spec, reg, log=lambda line: line.startswith("kernels:") or store["log"].append(line)).run()
     store["output"] = output
     return store
 
