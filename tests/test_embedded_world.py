@@ -1,5 +1,6 @@
 """Tests of the embedded world, its tasks, specs and the shipped tiny CLIP."""
 
+import hashlib
 import json
 import math
 import os
@@ -97,6 +98,7 @@ def test_classnames_split_base_and_novel_evenly():
     names = tasks.classnames("objects")
     assert len(names) >= 20 and len(set(names)) == len(names)
     assert tasks.classnames("objects_shifted") == names
+    assert tasks.classnames("objects_closeup") == names
     n_base = math.ceil(len(names) / 2)
     for half in (names[:n_base], names[n_base:]):
         assert {n.split()[0] for n in half} == set(tasks.TASK_COLOURS)
@@ -133,6 +135,34 @@ def test_task_generation_is_deterministic():
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(la, lb)
     assert not np.array_equal(a, c)
+
+
+# SHA-256 (first 16 hex digits) of generate(task, "val", seed=0): images, then labels.
+# The shipped numbers of these tasks (README, pretrain_log.json) depend on every byte.
+EXISTING_TASK_DIGESTS = {"objects": "5423cfefe9e713b9", "objects_shifted": "cd1f3206c93177d9"}
+
+
+@pytest.mark.parametrize("task", sorted(EXISTING_TASK_DIGESTS))
+def test_existing_tasks_render_the_same_images(task):
+    images, labels = tasks.generate(task, "val", seed=0)
+    digest = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()[:16]
+    assert digest == EXISTING_TASK_DIGESTS[task]
+
+
+def test_novel_fixed_overrides_the_novel_half_only(monkeypatch):
+    calls = []
+    sample = world.sample
+
+    def recording(n, rng, **fixed):
+        calls.append(fixed)
+        return sample(n, rng, **fixed)
+
+    monkeypatch.setattr(tasks.world, "sample", recording)
+    _, labels = tasks.generate("objects_closeup", "val", seed=0)
+    n_base = math.ceil(len(tasks.classnames("objects_closeup")) / 2)
+    assert [c["size"] for c in calls] == ["large"] * n_base + ["small"] * (len(calls) - n_base)
+    assert all(c["lighting"] == "cool" for c in calls)  # the rest of `fixed` is shared
+    assert len(labels) == len(calls) * tasks.TASKS["objects_closeup"].per_class["val"]
 
 
 @pytest.mark.parametrize("task", sorted(tasks.TASKS))
@@ -188,3 +218,42 @@ def test_shipped_checkpoint_zero_shot_is_well_above_chance(tiny_clip):
     chance = 1 / len(names)
     assert accuracy > ZERO_SHOT_MIN_ALL > 3 * chance
 
+
+
+def _zero_shot_by_half(model, tokenizer, task, template, per_class=6):
+    """Zero-shot accuracy of ``template`` on base and novel test images, each half under
+    its own classifier (as base2novel scores them), on ``per_class`` images per class."""
+    import torch
+
+    from vlprompt_core.embedded import pretrain
+
+    images, labels = tasks.generate(task, "test", seed=0)
+    names = tasks.classnames(task)
+    n_base = math.ceil(len(names) / 2)
+    keep = np.flatnonzero(np.arange(len(labels)) % tasks.TASKS[task].per_class["test"] < per_class)
+    with torch.no_grad():
+        img = model.encode_image(pretrain.to_tensor(images[keep]), normalize=True)
+        txt = model.encode_text(tokenizer([template.format(c) for c in names]), normalize=True)
+    labels = torch.as_tensor(labels[keep])
+    result = {}
+    for half, lo, hi in (("base", 0, n_base), ("novel", n_base, len(names))):
+        rows = (labels >= lo) & (labels < hi)
+        pred = (img[rows] @ txt[lo:hi].T).argmax(1) + lo
+        result[half] = (pred == labels[rows]).float().mean().item()
+    return result, (1 / n_base, 1 / (len(names) - n_base))
+
+
+def test_closeup_zero_shot_is_well_above_chance_on_both_halves(tiny_clip):
+    model, tokenizer = tiny_clip
+    accuracy, chance = _zero_shot_by_half(model, tokenizer, "objects_closeup", "a photo of a {}.")
+    assert accuracy["base"] > 5 * chance[0] and accuracy["novel"] > 5 * chance[1]
+
+
+def test_closeup_saying_close_up_helps_base_and_hurts_novel_classes(tiny_clip):
+    # The task's defining property, without training: what the base images share (large
+    # objects) is something a prompt can say, and saying it costs the novel (small) ones.
+    model, tokenizer = tiny_clip
+    plain, _ = _zero_shot_by_half(model, tokenizer, "objects_closeup", "a photo of a {}.")
+    large, _ = _zero_shot_by_half(model, tokenizer, "objects_closeup", "a large {}.")
+    assert large["base"] >= plain["base"] + 0.05
+    assert large["novel"] <= plain["novel"] - 0.15
