@@ -1,4 +1,5 @@
-"""The quickstart is the project's front door: guard what it shows on the embedded world."""
+"""The quickstart is the project's front door: guard what it shows on the embedded world;
+and pin CoOp's numbers on the first quickstart's spec, so a refactor cannot move them."""
 
 from __future__ import annotations
 
@@ -10,22 +11,28 @@ from vlprompt_core.engine import Engine
 from vlprompt_core.plugins import build_registry, make_plugin_manager
 from vlprompt_core.spec import load_spec
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart.yaml"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+QUICKSTART = EXAMPLES / "quickstart.yaml"
+CHANCE = 100 / 16  # 32 classes: 16 per half
+
+
+def run_seed1(tmp_path_factory, path: Path, methods=("zeroshot", "coop")):
+    """A shipped spec on seed 1 for the two baselines (each other method runs under every
+    protocol in its own contract suite), in a temporary data root."""
+    tmp = tmp_path_factory.mktemp(path.stem)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLPROMPT_DATA", str(tmp / "data"))
+        reg = build_registry(*make_plugin_manager())
+        spec = load_spec(path, reg)
+        spec.train.seeds = [1]
+        spec.method = [m for m in spec.method if m.name in methods]
+        spec.output = tmp / "out"
+        return Engine(spec, reg).run()
 
 
 @pytest.fixture(scope="module")
 def quickstart_seed1(tmp_path_factory):
-    """The quickstart spec as shipped, on one seed, for the two baselines (each other method
-    runs under every protocol in its own contract suite), in a temporary data root."""
-    tmp = tmp_path_factory.mktemp("quickstart")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VLPROMPT_DATA", str(tmp / "data"))
-        reg = build_registry(*make_plugin_manager())
-        spec = load_spec(QUICKSTART, reg)
-        spec.train.seeds = [1]
-        spec.method = [m for m in spec.method if m.name in ("zeroshot", "coop")]
-        spec.output = tmp / "out"
-        return Engine(spec, reg).run()
+    return run_seed1(tmp_path_factory, QUICKSTART)
 
 
 def test_quickstart_runs_every_installed_method():
@@ -38,12 +45,24 @@ def test_quickstart_reports_base_novel_and_h(quickstart_seed1):
     assert list(quickstart_seed1["summary"]["zeroshot"]) == ["base", "novel", "H"]
 
 
-def test_zero_shot_is_well_above_chance_on_novel_classes(quickstart_seed1):
-    n_novel = 16  # embedded_objects: 32 classes, novel = the last 16
-    novel = quickstart_seed1["summary"]["zeroshot"]["novel"]["mean"]
-    assert novel >= 3 * 100 / n_novel
+def test_zero_shot_is_well_above_chance_on_both_halves(quickstart_seed1):
+    zs = quickstart_seed1["summary"]["zeroshot"]
+    assert zs["base"]["mean"] >= 3 * CHANCE and zs["novel"]["mean"] >= 3 * CHANCE
 
 
-def test_coop_beats_zero_shot_on_base_classes_by_ten_points(quickstart_seed1):
-    summary = quickstart_seed1["summary"]
-    assert summary["coop"]["base"]["mean"] >= summary["zeroshot"]["base"]["mean"] + 10
+def test_coop_learns_the_base_classes_and_over_fits_them(quickstart_seed1):
+    """As on the real benchmarks: CoOp gains on base classes and loses on novel ones."""
+    s = quickstart_seed1["summary"]
+    assert s["coop"]["base"]["mean"] >= s["zeroshot"]["base"]["mean"] + 5
+    assert s["coop"]["novel"]["mean"] <= s["zeroshot"]["novel"]["mean"] - 10
+
+
+def test_coop_numbers_on_the_first_quickstart_are_unchanged(tmp_path_factory):
+    """examples/objects_base2novel.yaml was the quickstart before the method contract was
+    reworked; its seed-1 results then were zero-shot 72.25 / 68.00 and CoOp 93.00 / 91.25
+    (base / novel), with CoOp's last-epoch loss 0.294309..."""
+    record = run_seed1(tmp_path_factory, EXAMPLES / "objects_base2novel.yaml")
+    runs = {r["method"]: r for r in record["runs"]}
+    assert runs["zeroshot"]["accuracy"] == {"base": 72.25, "novel": 68.0}
+    assert runs["coop"]["accuracy"] == {"base": 93.0, "novel": 91.25}
+    assert runs["coop"]["epochs"][-1]["loss"] == pytest.approx(0.294309439137578, rel=1e-6)
