@@ -4,11 +4,20 @@
   :mod:`vlprompt_core.testing.contract`).
 * :func:`make_world`, :func:`tiny_backbone`, :func:`write_tiny_config`,
   :func:`write_split_dataset` — a tiny random open_clip model and generated
-  datasets in the benchmarks' layout, for tests that need no downloads.
+  datasets in the benchmarks' layout, for tests that need no downloads;
+  :func:`random_images` and :func:`frozen_features` — seeded inputs for it.
 """
 
 from .contract import Case, MethodContract
-from .worlds import TINY_CONFIG, make_world, tiny_backbone, write_split_dataset, write_tiny_config
+from .worlds import (
+    TINY_CONFIG,
+    frozen_features,
+    make_world,
+    random_images,
+    tiny_backbone,
+    write_split_dataset,
+    write_tiny_config,
+)
 
-__all__ = ["Case", "MethodContract", "TINY_CONFIG", "make_world", "tiny_backbone", "write_split_dataset",
-           "write_tiny_config"]
+__all__ = ["Case", "MethodContract", "TINY_CONFIG", "frozen_features", "make_world", "random_images",
+           "tiny_backbone", "write_split_dataset", "write_tiny_config"]

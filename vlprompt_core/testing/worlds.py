@@ -85,3 +85,19 @@ def make_world(root: Path) -> dict[str, Path]:
     write_split_dataset(root / "data", "toy_shift", seed=1)
     write_split_dataset(root / "data", "toy5", seed=2, n_classes=5)
     return {"root": root, "config": config, "specs": specs, "data": root / "data"}
+
+
+def random_images(backbone, n: int, seed: int = 0):
+    """``[n, 3, H, W]`` standard-normal images at the backbone's resolution, from ``seed``."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, backbone.image_size, backbone.image_size, generator=g)
+
+
+def frozen_features(backbone, n: int, seed: int = 0):
+    """The frozen image features of :func:`random_images` (no graph)."""
+    import torch
+
+    with torch.no_grad():
+        return backbone.encode_image(random_images(backbone, n, seed))

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from vlprompt_core.api import Batch, ClassSet, MethodOutput
 from vlprompt_core.testing import Case, MethodContract, tiny_backbone
+from vlprompt_core.testing import frozen_features as features
 from vlprompt_plugin_bpl import BPL, BPLOptions, gaussian_kl, log_mean_probability
 
 NAMES = ["red", "green", "apple pie", "blue"]
@@ -24,12 +25,6 @@ def bb(tmp_path_factory):
 def build(bb, seed=0, **opts):
     torch.manual_seed(seed)
     return BPL(bb, ClassSet(NAMES), BPLOptions(**opts))
-
-
-def features(bb, n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        return bb.encode_image(torch.randn(n, 3, bb.image_size, bb.image_size, generator=g))
 
 
 def test_kl_closed_form_on_hand_computed_values():

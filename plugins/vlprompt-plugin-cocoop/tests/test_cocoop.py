@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from vlprompt_core.api import Batch, ClassSet
 from vlprompt_core.prompting import PromptTable, PromptTemplate
 from vlprompt_core.testing import Case, MethodContract, tiny_backbone
+from vlprompt_core.testing import frozen_features as features
 from vlprompt_kernels import cosine_logits
 from vlprompt_plugin_cocoop import CoCoOp, CoCoOpOptions
 
@@ -27,12 +28,6 @@ def build(bb, seed=0, **opts):
         for p in m.meta_net.parameters():
             p.normal_(0, 0.5)
     return m
-
-
-def features(bb, n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        return bb.encode_image(torch.randn(n, 3, bb.image_size, bb.image_size, generator=g))
 
 
 def test_shapes_and_meta_net_widths(bb):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from vlprompt_core.api import Batch, ClassSet
 from vlprompt_core.errors import UserError
 from vlprompt_core.prompting import PromptTable, PromptTemplate
-from vlprompt_core.testing import Case, MethodContract, tiny_backbone
+from vlprompt_core.testing import Case, MethodContract, random_images, tiny_backbone
 from vlprompt_kernels import cosine_logits
 from vlprompt_plugin_pmpo import PMPO, PMPOOptions, equal_groups
 
@@ -37,10 +37,6 @@ def build(bb, seed=0, **opts):
         for f in m.couplings:
             f.weight.normal_(0, 0.5)
     return m
-
-
-def images(bb, n=3, seed=0):
-    return torch.randn(n, 3, bb.image_size, bb.image_size, generator=torch.Generator().manual_seed(seed))
 
 
 def test_equal_contiguous_groups():
@@ -66,7 +62,7 @@ def test_single_prompt_single_group_is_a_maple_like_coupled_prompt(bb):
     image: the tokens F(P) appended after the patches *before* the pre-norm, nothing
     replaced later; logits = s * cos(f, t)."""
     m = build(bb, n_prompts=1, insertion="group_start", prior="none")
-    x = images(bb)
+    x = random_images(bb, 3)
     with torch.no_grad():
         ctx, f_map = m.ctx[0], m.couplings[0]
         text = PromptTable(bb, NAMES, PromptTemplate.with_context(2)).encode(bb, ctx)
@@ -93,7 +89,7 @@ def test_every_block_writes_the_groups_tokens_before_each_of_its_blocks(bb):
     bb.encode_image_tokens = spy
     try:
         with torch.no_grad():
-            m.image_features(images(bb, 2))
+            m.image_features(random_images(bb, 2))
             visual = m.visual_prompts()
     finally:
         del bb.encode_image_tokens
@@ -129,7 +125,7 @@ def test_group_start_leaves_later_blocks_of_a_group_alone(tmp_path):
         bb4.encode_image_tokens = spy
         try:
             with torch.no_grad():
-                m.image_features(images(bb4, 1))
+                m.image_features(random_images(bb4, 1))
         finally:
             del bb4.encode_image_tokens
         for b in range(1, 4):
@@ -141,7 +137,7 @@ def test_group_start_leaves_later_blocks_of_a_group_alone(tmp_path):
 
 
 def test_combination_rules_by_hand(bb):
-    x = images(bb, 2)
+    x = random_images(bb, 2)
     for combine in ("mean_logits", "mean_features", "mean_probs"):
         m = build(bb, combine=combine, prior="ensemble", prior_weight=0.4)
         m.eval()
@@ -165,18 +161,18 @@ def test_combination_rules_by_hand(bb):
 def test_prior_consistency_loss(bb):
     m = build(bb, prior="loss", prior_loss_weight=3.0)
     m.train()
-    out = m(Batch(images=images(bb, 2), labels=torch.tensor([0, 1])))
+    out = m(Batch(images=random_images(bb, 2), labels=torch.tensor([0, 1])))
     with torch.no_grad():
         t = F.normalize(m.text_features(), dim=-1)
         expected = 3.0 * (1 - (t * m.prior_features[None]).sum(-1)).mean()
     assert out.losses["prior"].item() == pytest.approx(expected.item(), rel=1e-5)
     m.eval()
-    assert m(Batch(images=images(bb, 2))).losses == {}
+    assert m(Batch(images=random_images(bb, 2))).losses == {}
     # 'loss' alone leaves the prior out of the ensemble: scores are the prompts' mean
     with torch.no_grad():
-        f = F.normalize(m.image_features(images(bb, 2)), dim=-1)
+        f = F.normalize(m.image_features(random_images(bb, 2)), dim=-1)
         expected = sum(0.5 * bb.logit_scale * f @ u.T for u in t)
-        assert torch.allclose(m(Batch(images=images(bb, 2))).logits, expected, atol=1e-4)
+        assert torch.allclose(m(Batch(images=random_images(bb, 2))).logits, expected, atol=1e-4)
 
 
 def test_words_initialisation_keeps_the_rest_of_the_words(bb):
@@ -203,8 +199,8 @@ def test_text_features_once_per_evaluation(bb):
     m.text_features = lambda: calls.append(1) or original()
     m.eval()
     with torch.no_grad():
-        m(Batch(images=images(bb, 2)))
-        m(Batch(images=images(bb, 2, seed=1)))
+        m(Batch(images=random_images(bb, 2)))
+        m(Batch(images=random_images(bb, 2, seed=1)))
     assert len(calls) == 1
 
 

@@ -9,6 +9,7 @@ from torch import nn
 from vlprompt_core.api import Batch, ClassSet
 from vlprompt_core.prompting import PromptTable, PromptTemplate
 from vlprompt_core.testing import Case, MethodContract, tiny_backbone
+from vlprompt_core.testing import frozen_features as features
 from vlprompt_kernels import cosine_logits
 from vlprompt_plugin_pre import PRE, PREOptions
 
@@ -23,12 +24,6 @@ def bb(tmp_path_factory):
 def build(bb, seed=0, **opts):
     torch.manual_seed(seed)
     return PRE(bb, ClassSet(NAMES), PREOptions(**opts))
-
-
-def features(bb, n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        return bb.encode_image(torch.randn(n, 3, bb.image_size, bb.image_size, generator=g))
 
 
 @pytest.mark.parametrize("encoder", ["lstm", "lstm2", "mlp", "mlp2"])

@@ -14,7 +14,7 @@ import yaml
 
 from vlprompt_core.api import Batch, ClassSet
 from vlprompt_core.errors import UserError
-from vlprompt_core.testing import Case, MethodContract, make_world, tiny_backbone
+from vlprompt_core.testing import Case, MethodContract, random_images, make_world, tiny_backbone
 from vlprompt_plugin_provp import ProVP, ProVPOptions
 
 NAMES = ["red", "green", "apple pie", "blue"]
@@ -30,13 +30,9 @@ def build(bb, seed=0, **opts):
     return ProVP(bb, ClassSet(NAMES), ProVPOptions(**opts))
 
 
-def images(bb, n=3, seed=0):
-    return torch.randn(n, 3, bb.image_size, bb.image_size, generator=torch.Generator().manual_seed(seed))
-
-
 def test_zero_prompts_give_exactly_the_frozen_features(bb):
     m = build(bb, n_prompts=0)
-    x = images(bb)
+    x = random_images(bb, 3)
     with torch.no_grad():
         assert torch.equal(m.image_features(x), bb.encode_image_tokens(bb.embed_image(x)))
         assert torch.allclose(m.image_features(x), bb.encode_image(x), atol=1e-6)
@@ -44,7 +40,7 @@ def test_zero_prompts_give_exactly_the_frozen_features(bb):
 
 def test_prompts_are_inserted_after_the_class_token_and_mixed_before_later_blocks(bb):
     m = build(bb, n_prompts=3, alpha=0.25)
-    x = images(bb, 2)
+    x = random_images(bb, 2)
     seen = {}
 
     def spy(block, tokens):
@@ -74,7 +70,7 @@ def test_alpha_one_carries_the_previous_outputs_unchanged(bb):
     for block in range(1, bb.vision_depth):
         assert torch.equal(m.block_hook(block, tokens), tokens)
     # so only P_0 matters: later prompts are ignored entirely
-    x = images(bb)
+    x = random_images(bb, 3)
     with torch.no_grad():
         before = m.image_features(x)
         m.prompts[1:] += 1.0
@@ -88,7 +84,7 @@ def test_few_prompts_are_inserted_too(bb):
         m = build(bb, n_prompts=n)
         lengths = []
         with torch.no_grad():
-            x = bb.embed_image(images(bb, 1))
+            x = bb.embed_image(random_images(bb, 1))
             x = torch.cat([x[:, :1], m.prompts[0][None], x[:, 1:]], 1)
             bb.encode_image_tokens(x, block_hook=lambda b, t: lengths.append(t.shape[1]) or m.block_hook(b, t))
         assert lengths == [1 + n + (bb.image_size // 8) ** 2] * bb.vision_depth
@@ -97,7 +93,7 @@ def test_few_prompts_are_inserted_too(bb):
 def test_reformation_loss_is_the_hand_computed_infonce(bb):
     m = build(bb, n_prompts=3, ref_weight=0.7, ref_temperature=0.5)
     m.train()
-    x = images(bb, 3)
+    x = random_images(bb, 3)
     frozen = bb.encode_image(x).detach()
     out = m(Batch(images=x, image_features=frozen, labels=torch.tensor([0, 1, 2])))
     with torch.no_grad():
