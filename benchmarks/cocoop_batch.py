@@ -95,7 +95,8 @@ def main() -> None:
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         results[mode] = json.loads(out.strip().splitlines()[-1])
     b, loop = results["batched"], results["loop"]
-    print(f"CoCoOp training, {args.model} (random weights), {args.classes} classes, device {args.device}")
+    weights = "the shipped weights" if args.model == "vlprompt_tiny" else "random weights"
+    print(f"CoCoOp training, {args.model} ({weights}), {args.classes} classes, device {args.device}")
     print(f"  one step at batch {args.batch}: {b['seconds']:8.2f} s   peak {b['peak_mb']:8.0f} MB")
     print(f"  {args.batch} steps at batch 1:  {loop['seconds']:8.2f} s   peak {loop['peak_mb']:8.0f} MB")
     print(f"  ratio (batch-1 loop / batched): {loop['seconds'] / b['seconds']:.2f}x")

@@ -118,7 +118,7 @@ def vlprompt_epoch_end(method: str, seed: int, epoch: int, metrics: dict[str, fl
     Called after the epoch's last optimiser step, the method's own
     ``on_epoch_end`` and the checkpoint write.
 
-    :param method: the method's label in the results (e.g. ``"coop"``).
+    :param method: the method's label in the results (its name, or the section's ``label``).
     :param seed: the seed of the pair.
     :param epoch: 0-based epoch index.
     :param metrics: at least ``epoch``, ``lr``, ``loss`` (mean over the epoch's
