@@ -202,7 +202,7 @@ def test_data_list_shows_every_dataset_found_and_its_split_sizes(fakes, world):
     proc = vlprompt("data", "list", "--root", str(fakes), "--json", env_extra={"VLPROMPT_DATASETS_SPEC": ""})
     assert proc.returncode == 0, proc.stderr
     rows = {r["name"]: r for r in json.loads(proc.stdout)}
-    assert set(BENCHMARKS) | {"embedded_objects", "embedded_objects_shifted", "folder", "csv", "json"} == set(rows)
+    assert set(BENCHMARKS) | {"embedded_objects", "embedded_objects_shifted", "embedded_objects_closeup", "folder", "csv", "json"} == set(rows)
     assert rows["imagenet"]["counts"] == {"train": 1000, "val": 0, "test": 1000}
     assert rows["imagenet_a"]["counts"] == {"train": 0, "val": 0, "test": 200}
     assert rows["fgvc_aircraft"]["counts"] == {"train": 100, "val": 100, "test": 100}
