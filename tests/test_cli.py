@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,6 +66,10 @@ def test_each_protocol_runs_end_to_end(protocol, world, tmp_path):
         assert list(summary) == metrics
         for m in metrics:
             assert 0.0 <= summary[m]["mean"] <= 100.0 and summary[m]["n"] == 2
+    # stderr is a pipe here, not a terminal: each finished step is one plain line instead of a bar
+    for seed in (1, 2):
+        assert re.search(rf"^coop seed {seed}: train: done in [0-9.]+ s$", proc.stderr, re.M), proc.stderr
+    assert not re.search(r"^zeroshot seed 1: train", proc.stderr, re.M)  # nothing to train
     coop_runs = [r for r in results["runs"] if r["method"] == "coop"]
     assert all(r["trainable_parameters"] == 2 * 32 for r in coop_runs)
     assert all((tmp_path / "out" / r["checkpoint"]).is_file() for r in coop_runs)
