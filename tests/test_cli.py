@@ -70,6 +70,8 @@ def test_each_protocol_runs_end_to_end(protocol, world, tmp_path):
     for seed in (1, 2):
         assert re.search(rf"^coop seed {seed}: train: done in [0-9.]+ s$", proc.stderr, re.M), proc.stderr
     assert not re.search(r"^zeroshot seed 1: train", proc.stderr, re.M)  # nothing to train
+    extracted = re.findall(r"^features: (.+): done in", proc.stderr, re.M)  # once per test set, for all
+    assert extracted and len(extracted) == len(set(extracted)), proc.stderr
     coop_runs = [r for r in results["runs"] if r["method"] == "coop"]
     assert all(r["trainable_parameters"] == 2 * 32 for r in coop_runs)
     assert all((tmp_path / "out" / r["checkpoint"]).is_file() for r in coop_runs)

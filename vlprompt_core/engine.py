@@ -384,7 +384,7 @@ class Engine:
             epochs_log = self.fit(m.label, seed, method, plan, settings, self.output / checkpoint, metadata)
         times["train"] = time.perf_counter() - tt
         te = time.perf_counter()
-        accuracy = {e.name: self.evaluate(m.label, method, e, settings) for e in plan.evals}
+        accuracy = {e.name: self.evaluate(f"{m.label} seed {seed}", method, e, settings) for e in plan.evals}
         times["eval"] = time.perf_counter() - te
         result = {
             "method": m.label,
