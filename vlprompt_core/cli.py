@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 import typer
@@ -59,20 +58,17 @@ def _execute(spec: Path, output: Path | None, checkpoints_from: Path | None = No
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), TimeRemainingColumn()]
         with Progress(*columns, console=err, transient=True) as bars:
-            started: dict = {}
-
-            def start(desc, total):
-                task = bars.add_task(desc, total=total)
-                started[task] = (desc, time.monotonic())
-                return task
-
             def stop(task):
-                bars.remove_task(task)
-                desc, t0 = started.pop(task)
                 if not err.is_terminal:  # no bars in a log file: one line per finished step instead
-                    err.print(f"{desc}: done in {time.monotonic() - t0:.1f} s", highlight=False)
+                    done = next(t for t in bars.tasks if t.id == task)
+                    err.print(f"{done.description}: done in {done.elapsed:.1f} s", highlight=False)
+                bars.remove_task(task)
 
-            reporter = ProgressReporter(start=start, advance=lambda task, n=1: bars.advance(task, n), stop=stop)
+            reporter = ProgressReporter(
+                start=lambda desc, total: bars.add_task(desc, total=total),
+                advance=lambda task, n=1: bars.advance(task, n),
+                stop=stop,
+            )
             engine = Engine(run_spec, reg, reporter, log=lambda m: err.print(m, highlight=False))
             err.print(settings_table(engine.methods))
             record = engine.run(checkpoints_from=checkpoints_from)
