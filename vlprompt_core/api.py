@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from . import textbook
+
 if TYPE_CHECKING:
     from .recipes import Recipe
 
@@ -103,6 +105,12 @@ class Plan:
 #: :meth:`VisionLanguageBackbone.encode_text_embeddings` for what may change).
 BlockHook = Callable[[int, torch.Tensor], torch.Tensor]
 
+#: What a shared causal text prefix leaves behind for the tokens after it
+#: (:meth:`VisionLanguageBackbone.encode_text_prefix`): one ``(keys, values)`` pair per
+#: text block, each ``[G, heads, P, head_dim]`` for G prefixes of P tokens. Row g
+#: belongs to prefix g, so indexing both tensors of every pair selects prefixes.
+TextPrefix = list[tuple[torch.Tensor, torch.Tensor]]
+
 
 class VisionLanguageBackbone(nn.Module):
     """A frozen CLIP-like model, seen through the parts prompt methods need.
@@ -144,6 +152,11 @@ class VisionLanguageBackbone(nn.Module):
     capabilities: frozenset[str] = frozenset()
     #: A short description for messages, e.g. ``"ViT-B-16 (open_clip)"``.
     description: str = ""
+    #: Whether :meth:`encode_text_prefix` and :meth:`encode_text_suffix` work: the text
+    #: tower is causal and pools at a token after the prefix, so prompts that begin with
+    #: the same tokens can share one pass over them (a CoOp prompt table runs its start
+    #: token and context once, not once per class).
+    text_prefix_sharing: bool = False
 
     # ------------------------------------------------------------------ text
     def tokenize(self, texts: list[str]) -> torch.Tensor:
@@ -190,6 +203,25 @@ class VisionLanguageBackbone(nn.Module):
 
     def text_head(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Final norm, the state at ``pool_positions(tokens)``, projection: ``[N, embed_dim]``."""
+        raise NotImplementedError
+
+    def encode_text_prefix(self, prefix: torch.Tensor) -> TextPrefix:
+        """Run the text blocks over G shared prompt beginnings ``prefix``
+        ``[G, P, text_width]`` (token embeddings with positions): what each block's
+        attention needs of them for the tokens that follow (see :data:`TextPrefix`).
+        Only with :attr:`text_prefix_sharing`."""
+        raise NotImplementedError
+
+    def encode_text_suffix(self, prefix: TextPrefix, suffix: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Text features ``[G, C, embed_dim]`` of the prompts that begin with prefix g
+        (:meth:`encode_text_prefix`, P tokens) and continue with ``suffix[g, c]``
+        ``[G, C, S, text_width]`` (token embeddings with positions P, P+1, ...).
+
+        ``tokens`` ``[C, >= P]`` are the ids of the whole prompts (prefix included);
+        they decide the pooled positions, which must lie in the suffix. The features
+        equal :meth:`encode_text_embeddings` of the whole prompts, up to rounding, and
+        so do the gradients. Only with :attr:`text_prefix_sharing`.
+        """
         raise NotImplementedError
 
     # ---------------------------------------------------------------- vision
@@ -310,6 +342,10 @@ class PromptMethod(nn.Module):
     #: Backbone capabilities the method needs (checked before anything trains), e.g.
     #: ``("vision_transformer",)`` for visual prompts.
     requires: ClassVar[tuple[str, ...]] = ()
+    #: Whether the text features depend on the image (instance-conditional prompts,
+    #: e.g. CoCoOp). Only :mod:`~vlprompt_core.textbook` mode reads it: it calls such
+    #: a method one image at a time, as the reference code loops over a batch.
+    per_image_text: ClassVar[bool] = False
 
     def __init__(self, backbone: VisionLanguageBackbone, classes: ClassSet, options: Options):
         super().__init__()
@@ -369,8 +405,9 @@ class PromptMethod(nn.Module):
     def cached(self, key: str, compute: Callable[[], Any]) -> Any:
         """``compute()`` in training mode; in eval mode computed once and kept until
         the next :meth:`train` or :meth:`set_classes` (e.g. static text features,
-        once per evaluation instead of once per test batch)."""
-        if self.training:
+        once per evaluation instead of once per test batch); computed every time in
+        :mod:`~vlprompt_core.textbook` mode."""
+        if self.training or textbook.active():
             return compute()
         if key not in self._cache:
             value = compute()

@@ -6,7 +6,8 @@
   slot map that says where each context vector goes, and the frozen token
   embeddings; :meth:`PromptTable.encode` writes context vectors in (any leading
   shape: shared, per class, per image, per Monte-Carlo sample...) and runs the
-  text tower, optionally in chunks.
+  text tower, once over the tokens all classes share, and in chunks that bound
+  its memory (:func:`text_chunking`).
 * :func:`init_context` — context vectors from words or random.
 * :func:`class_text_features` — frozen hand-crafted class features (one template
   or an ensemble), as zero-shot CLIP and methods' priors use them.
@@ -17,6 +18,9 @@ Image-independent features are cached per evaluation with
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal, Union
 
@@ -27,7 +31,8 @@ from torch.utils.checkpoint import checkpoint
 
 from vlprompt_kernels import assemble_prompts
 
-from .api import BlockHook, ClassSet, VisionLanguageBackbone
+from . import textbook
+from .api import BlockHook, ClassSet, TextPrefix, VisionLanguageBackbone
 from .errors import UserError
 
 #: The 7 templates the reference ``ZeroshotCLIP2`` averages (with the dataset's own).
@@ -82,6 +87,82 @@ def class_text_features(backbone: VisionLanguageBackbone, names: list[str], temp
         tokens = backbone.tokenize([template.format(n) for n in names]).to(device)
         feats.append(F.normalize(backbone.encode_text(tokens).float(), dim=-1))
     return F.normalize(torch.stack(feats).mean(0), dim=-1)
+
+
+# ------------------------------------------------------------------ chunking
+
+#: Prompts per text-tower pass: a number ``>= 1``, ``0`` (never chunk) or ``"auto"``.
+TextChunking = int | Literal["auto"]
+
+_TEXT_CHUNKING: contextvars.ContextVar[TextChunking] = contextvars.ContextVar("vlprompt_text_chunking", default="auto")
+
+#: ``"auto"`` keeps the activations of one text-tower pass under this many bytes.
+AUTO_CHUNK_BUDGET = 1 << 30
+
+#: Width-sized fp32 vectors one text block keeps per token for the backward pass. Counted
+#: on the tiny test CLIP (distinct non-parameter storages saved by autograd): about 10 for
+#: the full pass (block input, the two norms, q/k/v, attention output, the MLP's 4W
+#: hidden state before and after the GELU...), about 12 for the suffix of a shared prefix,
+#: which also keeps attention probabilities over the prefix; 12 bounds both. Without
+#: gradients only one block's activations are alive at a time, about as many vectors.
+ACTIVATION_VECTORS_PER_TOKEN = 12
+
+
+def _check_chunking(value) -> TextChunking:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    raise ValueError(f"text chunking must be a number of prompts >= 1, 0 (never chunk) or 'auto', got {value!r}")
+
+
+@contextlib.contextmanager
+def text_chunking(value: TextChunking) -> Iterator[None]:
+    """Run :meth:`PromptTable.encode` calls inside with this chunking setting: at most
+    ``value`` prompts per text-tower pass, ``0`` for all prompts in one pass, or
+    ``"auto"`` (the default when nothing is set) for passes whose activations fit
+    :data:`AUTO_CHUNK_BUDGET`. A method's own ``chunk_size`` still wins."""
+    token = _TEXT_CHUNKING.set(_check_chunking(value))
+    try:
+        yield
+    finally:
+        _TEXT_CHUNKING.reset(token)
+
+
+def current_text_chunking() -> TextChunking:
+    """The setting :func:`text_chunking` made here (``"auto"`` when none)."""
+    return _TEXT_CHUNKING.get()
+
+
+def rows_per_pass(
+    backbone: VisionLanguageBackbone,
+    tokens_per_row: int,
+    setting: TextChunking | None = None,
+    grad: bool | None = None,
+) -> int | None:
+    """Prompts per text-tower pass under ``setting`` (default: :func:`current_text_chunking`)
+    for prompts of ``tokens_per_row`` tokens; None: all in one pass.
+
+    ``"auto"`` divides :data:`AUTO_CHUNK_BUDGET` by the bytes a prompt's activations
+    take: ``tokens_per_row x width x 4 x`` :data:`ACTIVATION_VECTORS_PER_TOKEN`, times
+    the depth when ``grad`` (default: whether gradients are enabled; then every block's
+    activations may be kept for the backward pass).
+    """
+    setting = _check_chunking(current_text_chunking() if setting is None else setting)
+    if setting == 0:
+        return None
+    if setting != "auto":
+        return setting
+    grad = torch.is_grad_enabled() if grad is None else grad
+    per_token = backbone.text_width * 4 * ACTIVATION_VECTORS_PER_TOKEN * (backbone.text_depth if grad else 1)
+    return max(1, AUTO_CHUNK_BUDGET // (max(tokens_per_row, 1) * per_token))
+
+
+def _in_chunks(run, recompute: bool, pieces: list) -> list[torch.Tensor]:
+    """``run(*piece)`` for each piece; with ``recompute``, each is checkpointed
+    (recomputed in the backward pass), so memory is bounded by one piece and the
+    gradients are those of a single pass."""
+    if len(pieces) == 1:
+        return [run(*pieces[0])]
+    return [checkpoint(run, *piece, use_reentrant=False) if recompute else run(*piece) for piece in pieces]
 
 
 # ------------------------------------------------------------------ templates
@@ -154,7 +235,10 @@ class PromptTable(nn.Module):
 
     ``token_ids`` ``[C, L]`` (zero-padded to the longest prompt), ``slots``
     ``[C, L]`` (-1 outside context slots) and ``embeddings`` ``[C, L, text_width]``
-    (the frozen token embeddings, fp32).
+    (the frozen token embeddings, fp32). ``prefix_length`` is the number P of
+    leading tokens (ids and context slots) every class's prompt shares, before any
+    pooled position, on a backbone with
+    :attr:`~vlprompt_core.api.VisionLanguageBackbone.text_prefix_sharing` (0 otherwise).
     """
 
     def __init__(self, backbone: VisionLanguageBackbone, names: list[str], template: PromptTemplate):
@@ -169,17 +253,28 @@ class PromptTable(nn.Module):
                 "(fewer context vectors, or shorter class names)"
             )
         device = backbone.positional_embedding.device
-        ids = torch.zeros(len(rows), longest, dtype=torch.long)
-        slots = torch.full((len(rows), longest), -1, dtype=torch.long)
+        width = backbone.context_length if textbook.active() else longest  # the reference pads to 77
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        slots = torch.full((len(rows), width), -1, dtype=torch.long)
         for i, (row_ids, row_slots) in enumerate(rows):
             ids[i, : len(row_ids)] = torch.tensor(row_ids)
             slots[i, : len(row_slots)] = torch.tensor(row_slots)
+        sharing = backbone.text_prefix_sharing and not textbook.active()
+        self.prefix_length = self._shared_prefix(backbone, ids, slots) if sharing else 0
         ids, slots = ids.to(device), slots.to(device)
         with torch.no_grad():
             embeddings = backbone.embed_tokens(ids).float()
         self.register_buffer("token_ids", ids, persistent=False)
         self.register_buffer("slots", slots, persistent=False)
         self.register_buffer("embeddings", embeddings, persistent=False)
+
+    @staticmethod
+    def _shared_prefix(backbone: VisionLanguageBackbone, ids: torch.Tensor, slots: torch.Tensor) -> int:
+        """Leading positions where every row has row 0's id and slot, cut before the
+        first pooled position (the suffix must hold every class's pooled token)."""
+        differs = ((ids != ids[:1]) | (slots != slots[:1])).any(0)
+        shared = int(differs.int().argmax()) if bool(differs.any()) else ids.shape[1]
+        return min(shared, int(backbone.pool_positions(ids).min()))
 
     def __len__(self) -> int:
         return self.token_ids.shape[0]
@@ -200,29 +295,67 @@ class PromptTable(nn.Module):
     ) -> torch.Tensor:
         """Text features ``[*S, C, embed_dim]`` of the prompts made with ``ctx``.
 
-        All prompts go through the text tower in one pass, or in passes of at most
-        ``chunk_size`` prompts; with gradients enabled, chunks are recomputed in the
-        backward pass (activation checkpointing), so memory is bounded by one chunk
-        and the gradients are those of the single pass. ``block_hook`` sees one
+        When the classes' prompts begin with the same :attr:`prefix_length` >= 2 tokens
+        and ``ctx`` does not vary per class (``S`` ends in 1 or is empty) and there is no
+        ``block_hook``, the causal text tower runs those tokens once per leading index
+        (once for a shared context, once per image for ``(B, 1)``) and only the rest of
+        each prompt per class (:meth:`~vlprompt_core.api.VisionLanguageBackbone.encode_text_suffix`):
+        the same features and gradients as the full pass, with less work.
+
+        Prompts (or prompt suffixes) go through the text tower in passes of at most
+        ``chunk_size`` of them; None follows :func:`text_chunking` (``"auto"`` by
+        default: :func:`rows_per_pass`). With gradients enabled, chunks are recomputed
+        in the backward pass (activation checkpointing), so memory is bounded by one
+        chunk and the gradients are those of the single pass. ``block_hook`` sees one
         chunk at a time.
         """
+        recompute = torch.is_grad_enabled() and ctx.requires_grad
+        per_class = ctx.dim() > 2 and ctx.shape[-3] != 1
+        if textbook.active():
+            chunk_size = 0  # one pass over every full-length prompt
+        elif block_hook is None and self.prefix_length >= 2 and not per_class:
+            return self._encode_with_prefix(backbone, ctx, chunk_size, recompute)
+
         prompts = self.assemble(backbone, ctx)
         *lead, n_cls, length, width = prompts.shape
         flat = prompts.reshape(-1, length, width)
         ids = self.token_ids.expand(*lead, n_cls, length).reshape(-1, length)
+        rows = rows_per_pass(backbone, length, chunk_size) or flat.shape[0]
 
         def run(x, t):
             return backbone.encode_text_embeddings(x, t, block_hook=block_hook, add_positional=False)
 
-        if chunk_size is None or flat.shape[0] <= chunk_size:
-            feats = run(flat, ids)
-        else:
-            recompute = torch.is_grad_enabled() and flat.requires_grad
-            parts = []
-            for i in range(0, flat.shape[0], chunk_size):
-                x, t = flat[i : i + chunk_size], ids[i : i + chunk_size]
-                parts.append(checkpoint(run, x, t, use_reentrant=False) if recompute else run(x, t))
-            feats = torch.cat(parts)
+        pieces = [(flat[i : i + rows], ids[i : i + rows]) for i in range(0, flat.shape[0], rows)]
+        feats = torch.cat(_in_chunks(run, recompute, pieces))
+        return feats.reshape(*lead, n_cls, feats.shape[-1])
+
+    def _encode_with_prefix(
+        self, backbone: VisionLanguageBackbone, ctx: torch.Tensor, chunk_size: int | None, recompute: bool
+    ) -> torch.Tensor:
+        """:meth:`encode` for a context without a per-class dim: the shared prefix once per
+        group ``G = prod(S[:-1])``, then the class suffixes, chunked over (group, class) rows."""
+        lead = ctx.shape[:-3] if ctx.dim() > 2 else ()
+        groups = ctx.reshape(-1, 1, *ctx.shape[-2:])  # [G, 1, M, W]
+        n_prefix, n_cls, length = self.prefix_length, *self.token_ids.shape
+        positional = backbone.positional_embedding.float()
+        prefix = assemble_prompts(self.embeddings[:1, :n_prefix], groups, self.slots[:1, :n_prefix], positional)
+        suffix = assemble_prompts(
+            self.embeddings[:, n_prefix:], groups, self.slots[:, n_prefix:], positional[n_prefix:]
+        )  # [G, C, L - P, W]
+        state: TextPrefix = backbone.encode_text_prefix(prefix[:, 0])
+        n_groups = suffix.shape[0]
+        rows = rows_per_pass(backbone, length - n_prefix, chunk_size) or n_groups * n_cls
+
+        def run(x, g, c):  # suffixes x of groups g and classes c
+            return backbone.encode_text_suffix([(k[g], v[g]) for k, v in state], x, self.token_ids[c])
+
+        if rows >= n_cls:  # whole groups per chunk
+            step = rows // n_cls
+            spans = [(slice(g, g + step), slice(None)) for g in range(0, n_groups, step)]
+        else:  # one group, some classes per chunk
+            spans = [(slice(g, g + 1), slice(c, c + rows)) for g in range(n_groups) for c in range(0, n_cls, rows)]
+        parts = _in_chunks(run, recompute, [(suffix[g, c], g, c) for g, c in spans])
+        feats = torch.cat(parts, dim=0 if rows >= n_cls else 1)  # [G, C, D], or [1, G * C, D] group-major
         return feats.reshape(*lead, n_cls, feats.shape[-1])
 
 

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from .. import hookimpl
-from ..api import BackboneEntry, ContractError, Options, VisionLanguageBackbone
+from .. import hookimpl, textbook
+from ..api import BackboneEntry, ContractError, Options, TextPrefix, VisionLanguageBackbone
 from ..embedded import pretrain as embedded
 from ..errors import UserError
 
@@ -202,6 +203,7 @@ class OpenClipBackbone(VisionLanguageBackbone):
                                                      "transformer", "ln_post"))
         vit = vit and getattr(self.visual, "attn_pool", None) is None and getattr(self.visual, "pool_type", "tok") == "tok"
         self.capabilities = frozenset({"vision_transformer"} if vit else ())
+        self.text_prefix_sharing = _shares_prefixes(text, self.pool_type)
         self.description = f"{name or type(model).__name__} ({type(self.visual).__name__} image tower)"
 
     def train(self, mode: bool = True):
@@ -240,10 +242,10 @@ class OpenClipBackbone(VisionLanguageBackbone):
 
     def encode_text_embeddings(self, embeddings, tokens, block_hook=None, add_positional=True):
         text = self.text
-        cast = text.transformer.get_cast_dtype() if hasattr(text.transformer, "get_cast_dtype") else embeddings.dtype
+        cast = self._text_cast(embeddings)
         x = embeddings.to(cast)
         mask = text.attn_mask
-        if mask is not None and self.pool_type in ("argmax", "eos"):
+        if mask is not None and self.pool_type in ("argmax", "eos") and not textbook.active():
             # causal: the pooled state depends only on the tokens up to it
             length = int(self.pool_positions(tokens).max()) + 1
             x, tokens = x[:, :length], tokens[:, :length]
@@ -257,11 +259,46 @@ class OpenClipBackbone(VisionLanguageBackbone):
     def text_head(self, hidden, tokens):
         # the pooled token first, then the (per-token) final norm: the same numbers, less work
         x = hidden[torch.arange(hidden.shape[0], device=hidden.device), self.pool_positions(tokens)]
+        return self._text_output(x)
+
+    def _text_output(self, x):
+        """Final norm and projection of pooled states ``[..., text_width]``."""
         x = self.text.ln_final(x)
         proj = self.text.text_projection
         if proj is None:
             return x
         return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+
+    def encode_text_prefix(self, prefix: torch.Tensor) -> TextPrefix:
+        """Each block runs on the prefixes as in the full pass (causal mask over P tokens);
+        its keys and values are projected once per prefix, for all the suffixes."""
+        transformer = self.text.transformer
+        x = prefix.to(self._text_cast(prefix))
+        mask = self.text.attn_mask[: x.shape[1], : x.shape[1]]
+        batch_first = getattr(transformer, "batch_first", True)
+        states = []
+        for block in transformer.resblocks:
+            states.append(_keys_values(block, x))
+            x = block(x, attn_mask=mask) if batch_first else block(x.transpose(0, 1), attn_mask=mask).transpose(0, 1)
+        return states
+
+    def encode_text_suffix(self, prefix: TextPrefix, suffix: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Every block by hand from its public parts (``ln_1``, ``attn``'s projections,
+        ``ls_1``, ``ln_2``, ``mlp``, ``ls_2``): the suffix tokens attend to their
+        prefix's keys and values, never copied per class, and causally to each other."""
+        n_prefix = prefix[0][0].shape[2]
+        pool = self.pool_positions(tokens) - n_prefix  # [C], positions in the suffix
+        length = int(pool.max()) + 1  # causal: nothing after the last pooled token matters
+        x = suffix[:, :, :length].to(self._text_cast(suffix))
+        mask = self.text.attn_mask[n_prefix : n_prefix + length, : n_prefix + length]
+        for block, (keys, values) in zip(self.text.transformer.resblocks, prefix):
+            x = _suffix_block(block, x, keys, values, mask)
+        pooled = x[:, torch.arange(x.shape[1], device=x.device), pool]  # [G, C, W]
+        return self._text_output(pooled)
+
+    def _text_cast(self, x):
+        transformer = self.text.transformer
+        return transformer.get_cast_dtype() if hasattr(transformer, "get_cast_dtype") else x.dtype
 
     # ---------------------------------------------------------------- vision
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -320,6 +357,65 @@ def _run_blocks(transformer, x, mask, block_hook, tower: str, keep_length: bool)
         if not batch_first:
             x = x.transpose(0, 1)
     return x
+
+
+def _shares_prefixes(text, pool_type: str) -> bool:
+    """Whether a text tower allows :meth:`OpenClipBackbone.encode_text_prefix`: a causal
+    mask, pooling at a token (``argmax``/``eos``: the end token, after any shared
+    prefix), and blocks that are open_clip's plain ``ResidualAttentionBlock`` (self-
+    attention through ``nn.MultiheadAttention``'s packed projection, which
+    :func:`_suffix_block` redoes by hand)."""
+    from open_clip.transformer import ResidualAttentionBlock
+
+    mask = text.attn_mask
+    if mask is None or pool_type not in ("argmax", "eos"):
+        return False
+    causal = torch.full(mask.shape, float("-inf")).triu(1)
+    if not torch.equal(mask.detach().float().cpu(), causal):
+        return False
+    for block in text.transformer.resblocks:
+        if type(block) is not ResidualAttentionBlock or hasattr(block, "ln_1_kv"):
+            return False
+        attn = block.attn
+        if attn.in_proj_weight is None or attn.bias_k is not None or attn.add_zero_attn:
+            return False
+    return True
+
+
+def _keys_values(block, x):
+    """The keys and values ``[G, heads, P, head_dim]`` of ``block``'s attention over ``x`` ``[G, P, W]``."""
+    attn = block.attn
+    width, heads = x.shape[-1], attn.num_heads
+    bias = attn.in_proj_bias[width:] if attn.in_proj_bias is not None else None
+    kv = F.linear(block.ln_1(x), attn.in_proj_weight[width:], bias)  # [G, P, 2W]
+    keys, values = kv.unflatten(-1, (2, heads, width // heads)).permute(2, 0, 3, 1, 4)
+    return keys, values
+
+
+def _suffix_block(block, x, keys, values, mask):
+    """One ``ResidualAttentionBlock`` on suffix tokens ``x`` ``[G, C, S, W]`` whose prompts
+    begin with the prefix of ``keys``/``values`` ``[G, H, P, d]``; ``mask`` ``[S, P + S]`` is
+    the additive causal mask of the suffix rows.
+
+    Scores against the prefix are one matmul per (group, head) with the classes folded
+    into the query rows, so the prefix keys and values are read, not copied, per class;
+    one softmax covers prefix and suffix columns, as the full pass's attention does.
+    """
+    attn = block.attn
+    groups, n_cls, length, width = x.shape
+    heads = attn.num_heads
+    n_prefix, head_dim = keys.shape[2], width // heads
+    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)  # [G, C, S, 3W]
+    q, k, v = qkv.unflatten(-1, (3, heads, head_dim)).permute(3, 0, 4, 1, 2, 5)  # each [G, H, C, S, d]
+    q = q * head_dim**-0.5
+    to_prefix = q.reshape(groups, heads, n_cls * length, head_dim) @ keys.transpose(-1, -2)
+    scores = torch.cat([to_prefix.view(groups, heads, n_cls, length, n_prefix), q @ k.transpose(-1, -2)], dim=-1)
+    probs = torch.softmax(scores + mask.to(scores.dtype), dim=-1)  # [G, H, C, S, P + S]
+    from_prefix = probs[..., :n_prefix].reshape(groups, heads, n_cls * length, n_prefix) @ values
+    out = from_prefix.view(groups, heads, n_cls, length, head_dim) + probs[..., n_prefix:] @ v
+    out = out.permute(0, 2, 3, 1, 4).reshape(groups, n_cls, length, width)
+    x = x + block.ls_1(attn.out_proj(out))
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
 def build_open_clip(opts: OpenClipOptions) -> OpenClipBackbone:

@@ -154,4 +154,4 @@ def test_kl_term_is_logged_and_weighted(bb):
 
 class TestBPLContract(MethodContract):
     method = "bpl"
-    cases = [Case({"n_samples": 3}), Case({"conditional": True, "n_samples": 2, "chunk_size": 16})]
+    cases = [Case({"n_samples": 3}), Case({"conditional": True, "n_samples": 2})]

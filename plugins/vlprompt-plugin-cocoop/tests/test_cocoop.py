@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from vlprompt_core.api import Batch, ClassSet
-from vlprompt_core.prompting import PromptTable, PromptTemplate
+from vlprompt_core.prompting import PromptTable, PromptTemplate, text_chunking
 from vlprompt_core.testing import Case, MethodContract, tiny_backbone
 from vlprompt_core.testing import frozen_features as features
 from vlprompt_kernels import cosine_logits
@@ -68,11 +68,11 @@ def test_logits_equal_the_equation(bb):
     assert torch.allclose(got, torch.stack(rows), atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("chunk_size", [None, 7])
-def test_batch_of_32_equals_32_single_image_forwards(bb, chunk_size):
-    m = build(bb, chunk_size=chunk_size)
+@pytest.mark.parametrize("chunk", [0, 7])
+def test_batch_of_32_equals_32_single_image_forwards(bb, chunk):
+    m = build(bb)
     f = features(bb, 32, seed=1)
-    with torch.no_grad():
+    with torch.no_grad(), text_chunking(chunk):
         batched = m(Batch(image_features=f)).logits
         single = torch.cat([m(Batch(image_features=f[i : i + 1])).logits for i in range(32)])
     assert batched.shape == (32, len(NAMES))
@@ -83,11 +83,12 @@ def test_chunked_training_step_gives_the_same_gradients(bb):
     f = features(bb, 6)
     labels = torch.tensor([0, 1, 2, 3, 4, 0])
     grads = []
-    for chunk in (None, 4):
-        m = build(bb, chunk_size=chunk)
+    for chunk in (0, 4):
+        m = build(bb)
         m.train()
-        out = m(Batch(image_features=f, labels=labels))
-        m.loss(out, Batch(labels=labels)).backward()
+        with text_chunking(chunk):
+            out = m(Batch(image_features=f, labels=labels))
+            m.loss(out, Batch(labels=labels)).backward()
         grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad})
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4), name
@@ -105,4 +106,4 @@ def test_uses_the_kernel_api(bb):
 
 class TestCoCoOpContract(MethodContract):
     method = "cocoop"
-    cases = [Case({}), Case({"ctx_init": "", "n_ctx": 2, "chunk_size": 5})]
+    cases = [Case({}), Case({"ctx_init": "", "n_ctx": 2})]

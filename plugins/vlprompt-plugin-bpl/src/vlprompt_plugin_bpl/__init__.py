@@ -44,8 +44,6 @@ class BPLOptions(Options):
         "false: one free distribution (official 'coopvpt', the published config)")
     n_samples: int = Field(10, ge=1, description="Monte-Carlo samples L, in training and at test time")
     kl_weight: float = Field(0.001, ge=0, description="weight of the KL term")
-    chunk_size: int | None = Field(
-        4096, ge=1, description="at most this many prompts per text-tower pass (recomputed in the backward pass)")
 
 
 def inference_block(inputs: int, hidden: int, outputs: int) -> nn.Sequential:
@@ -108,7 +106,7 @@ class BPL(PromptMethod):
         eps = self.draw((L, *mu.shape)).to(mu.device, mu.dtype)
         residual = mu[None] + eps * log_var.exp().sqrt()[None]  # [L, 1 or B, width]
         ctx = self.ctx + residual[:, :, None, :]  # [L, 1 or B, M, width]
-        text = self.prompts.encode(self.backbone, ctx[:, :, None], chunk_size=self.options.chunk_size)
+        text = self.prompts.encode(self.backbone, ctx[:, :, None])
         n, b, c = L, feats.shape[0], len(self.prompts)
         scale = self.backbone.logit_scale
         if text.shape[1] == 1:  # one residual per sample, shared by the batch: [C, D] per sample

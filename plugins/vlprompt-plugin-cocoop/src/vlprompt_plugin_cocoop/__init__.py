@@ -2,9 +2,9 @@
 
 CoOp's context vectors plus a small Meta-Net that maps the (normalised) image
 feature to a shift added to every context vector: each image gets its own
-prompts. All (image, class) prompts of a batch go through the text tower in one
-pass (in chunks of at most ``chunk_size`` prompts, recomputed in the backward
-pass), never in a loop over images.
+prompts. All (image, class) prompts of a batch go through the text tower
+together (the tokens before the class name once per image, in passes bounded by
+the run's ``train.text_chunk``), never in a loop over images.
 """
 
 from __future__ import annotations
@@ -32,15 +32,11 @@ class CoCoOpOptions(Options):
     meta_hidden: int | None = Field(
         None, ge=1, description="hidden width of the Meta-Net (default: image-feature width / 16, as published)"
     )
-    chunk_size: int | None = Field(
-        4096, ge=1,
-        description="at most this many (image, class) prompts per text-tower pass; chunks are recomputed in the "
-        "backward pass to bound memory (null: all at once)",
-    )
 
 
 class CoCoOp(PromptMethod):
     inputs = ("image_features",)
+    per_image_text = True  # the reference code loops over the images of a batch
 
     def __init__(self, backbone, classes: ClassSet, options: CoCoOpOptions):
         super().__init__(backbone, classes, options)
@@ -66,7 +62,7 @@ class CoCoOp(PromptMethod):
     def forward(self, batch: Batch) -> MethodOutput:
         feats = F.normalize(batch.image_features.float(), dim=-1)
         ctx = self.image_context(feats)  # [B, M, W]
-        text = self.prompts.encode(self.backbone, ctx[:, None], chunk_size=self.options.chunk_size)  # [B, C, D]
+        text = self.prompts.encode(self.backbone, ctx[:, None])  # [B, C, D]
         return MethodOutput(cosine_logits(feats, text.float(), self.backbone.logit_scale))
 
 
