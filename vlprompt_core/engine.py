@@ -20,20 +20,23 @@ import math
 import random
 import re
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import __version__
-from .api import Batch, ContractError, EvalSet, Item, ParamGroup, PromptMethod, ProtocolContext
+from . import __version__, textbook
+from .api import Batch, ContractError, EvalSet, Item, MethodOutput, ParamGroup, PromptMethod, ProtocolContext
 from .data import ImageLoader, UnreadableImages, test_transform, train_transform
 from .errors import UserError
+from .features import Features, FeatureStore
 from .plugins import Registry
+from .prompting import text_chunking
 from .recipes import ResolvedMethod
 from .results import aggregate, atomic_write_json, markdown_table, package_versions
 from .spec import TrainSpec, resolve_methods
@@ -66,11 +69,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """``auto``: bf16 on CUDA, fp32 elsewhere."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
 def autocast(device: torch.device, precision: str):
     """bf16 autocast (parameters stay fp32), or nothing for fp32."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "bf16":
+    if resolve_precision(device, precision) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -165,6 +173,34 @@ def load_checkpoint(method: PromptMethod, path: Path, expect: dict[str, str]) ->
             p.copy_(tensors[name].to(p.device, p.dtype))
 
 
+def make_batch(method: PromptMethod, images: torch.Tensor, labels: torch.Tensor | None) -> Batch:
+    """What ``method.inputs`` ask for; frozen features once, without a graph."""
+    features = None
+    if "image_features" in method.inputs:
+        with torch.no_grad():
+            features = method.backbone.encode_image(images)
+    return Batch(images=images if "images" in method.inputs else None, image_features=features, labels=labels)
+
+
+def forward(method: PromptMethod, batch: Batch) -> MethodOutput:
+    """``method(batch)``; in textbook mode a method whose text depends on the image
+    is called one image at a time, as the reference code does."""
+    if not (textbook.active() and method.per_image_text and len(batch) > 1):
+        return method(batch)
+    outs = [method(_one_image(batch, i)) for i in range(len(batch))]
+    if any(o.extras for o in outs):
+        raise ContractError(f"{type(method).__name__}: textbook mode's per-image loop cannot merge extras")
+    losses = {k: torch.stack([o.losses[k] for o in outs]).mean() for k in outs[0].losses}
+    return MethodOutput(torch.cat([o.logits for o in outs]), losses)
+
+
+def _one_image(batch: Batch, i: int) -> Batch:
+    def pick(t):
+        return None if t is None else t[i : i + 1]
+
+    return Batch(images=pick(batch.images), image_features=pick(batch.image_features), labels=pick(batch.labels))
+
+
 def _check_scores(method: PromptMethod, scores: torch.Tensor, batch: Batch, n_classes: int) -> None:
     if tuple(scores.shape) != (len(batch), n_classes):
         raise ContractError(
@@ -187,7 +223,7 @@ class Engine:
         self.results_path = self.output / "results.json"
         self.device = resolve_device(self.spec.train.device)
         self.methods: list[ResolvedMethod] = resolve_methods(self.spec, self.registry)
-        self._features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.features = FeatureStore(self.spec.train.feature_cache, log=self.log)
         self._datasets: dict[str, Any] = {}
         self.unreadable = UnreadableImages()  # images left out under train.unreadable_images: skip
 
@@ -381,10 +417,12 @@ class Engine:
             self.log(f"{m.label} seed {seed}: scoring the prompts of {source[0]}")
         elif params and settings.epochs > 0:
             checkpoint = Path("checkpoints") / f"{_file_label(m.label)}-seed{seed}-{m.key}.safetensors"
-            epochs_log = self.fit(m.label, seed, method, plan, settings, self.output / checkpoint, metadata)
+            with text_chunking(0 if textbook.active() else settings.text_chunk):
+                epochs_log = self.fit(m.label, seed, method, plan, settings, self.output / checkpoint, metadata)
         times["train"] = time.perf_counter() - tt
         te = time.perf_counter()
-        accuracy = {e.name: self.evaluate(f"{m.label} seed {seed}", method, e, settings) for e in plan.evals}
+        with text_chunking(0 if textbook.active() else settings.text_chunk):
+            accuracy = {e.name: self.evaluate(f"{m.label} seed {seed}", method, e, settings) for e in plan.evals}
         times["eval"] = time.perf_counter() - te
         result = {
             "method": m.label,
@@ -402,37 +440,37 @@ class Engine:
         return result
 
     # ----------------------------------------------------------------- train
-    def make_batch(self, method: PromptMethod, images: torch.Tensor, labels: torch.Tensor | None) -> Batch:
-        """What ``method.inputs`` ask for; frozen features once, without a graph."""
-        features = None
-        if "image_features" in method.inputs:
-            with torch.no_grad():
-                features = method.backbone.encode_image(images)
-        return Batch(images=images if "images" in method.inputs else None, image_features=features, labels=labels)
-
     def fit(self, label, seed, method: PromptMethod, plan, settings: TrainSpec, checkpoint: Path,
             metadata: dict[str, str]) -> list[dict]:
         """Train ``method`` on the plan's training items; one log entry per epoch."""
         backbone = method.backbone
         optimizer = make_optimizer(optimizer_groups(method), settings)
         tf = train_transform(backbone.image_size, backbone.image_mean, backbone.image_std, settings.crop_scale)
-        loader = _loader(plan.train, tf, settings.batch_size, settings, shuffle=True, seed=seed,
-                         unreadable=self.unreadable)
+        if settings.augment_views and method.inputs == ("image_features",) and not textbook.active():
+            batches = ViewBatches(self.train_views(backbone, plan.train, tf, settings), settings.batch_size, seed,
+                                  self.device)
+        else:
+            if settings.augment_views and not textbook.active():
+                self.log(f"{label}: augment_views applies to methods that read only frozen image features; "
+                         "it trains on fresh augmentations")
+            loader = _loader(plan.train, tf, settings.batch_size, settings, shuffle=True, seed=seed,
+                             unreadable=self.unreadable)
+            batches = ImageBatches(method, loader, self.device, settings.precision)
         method.set_classes(plan.classes)
         method.train()
         log = []
-        task = self.progress.start(f"{label} seed {seed}: train", settings.epochs * len(loader))
+        task = self.progress.start(f"{label} seed {seed}: train", settings.epochs * len(batches))
         for epoch in range(settings.epochs):
+            started = time.perf_counter()
             lr = lr_at(epoch, settings)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
             total, count, correct = 0.0, 0, 0
             terms: dict[str, float] = {}
-            for images, labels in loader:
-                images, labels = images.to(self.device), labels.to(self.device)
+            for batch in batches:
+                labels = batch.labels
                 with autocast(self.device, settings.precision):
-                    batch = self.make_batch(method, images, labels)
-                    out = method(batch)
+                    out = forward(method, batch)
                     loss = method.loss(out, batch)
                 _check_scores(method, out.logits, batch, len(plan.classes))
                 optimizer.zero_grad(set_to_none=True)
@@ -447,7 +485,7 @@ class Engine:
                 self.progress.advance(task, 1)
             method.on_epoch_end(epoch, settings.epochs)
             metrics = {"epoch": epoch, "lr": lr, "loss": total / max(count, 1),
-                       "train_acc": 100 * correct / max(count, 1)}
+                       "train_acc": 100 * correct / max(count, 1), "time_s": time.perf_counter() - started}
             metrics.update({f"loss.{k}": v / max(count, 1) for k, v in terms.items()})
             log.append(metrics)
             save_checkpoint(method, checkpoint, {**metadata, "epoch": str(epoch)})
@@ -455,40 +493,82 @@ class Engine:
         self.progress.stop(task)
         return log
 
+    @torch.no_grad()
+    def train_views(self, backbone, items: list[Item], tf, settings: TrainSpec) -> Features:
+        """``train.augment_views`` = K augmented views of every training image through
+        the frozen image tower, ``[K, N, D]``: extracted once for every method and seed
+        with these items and transform (the draws depend on the items alone, not on the
+        run's seed or on what ran before), or read from the feature cache."""
+        k_views = settings.augment_views
+        precision = resolve_precision(self.device, settings.precision)
+        key = self.features.key(backbone, items, {"kind": "train views", "views": k_views, "transform": repr(tf),
+                                                  "precision": precision, "device": self.device.type})
+
+        def compute() -> Features:
+            left_out = UnreadableImages()
+            loader = _loader(items, tf, settings.eval_batch_size, settings, shuffle=False, unreadable=left_out)
+            task = self.progress.start(f"features: {k_views} views of {len(items)} training images",
+                                       k_views * len(loader))
+            views, labels = [], []
+            with torch.random.fork_rng(devices=[]):
+                for k in range(k_views):
+                    torch.manual_seed(k)
+                    feats = []
+                    for images, y in loader:
+                        with autocast(self.device, precision):
+                            feats.append(backbone.encode_image(images.to(self.device)).float())
+                        if k == 0:
+                            labels.append(y)
+                        self.progress.advance(task, 1)
+                    if not feats:
+                        raise UserError(f"none of the {len(items)} training images could be read")
+                    views.append(torch.cat(feats))
+            self.progress.stop(task)
+            return Features(torch.stack(views), torch.cat(labels), dict(left_out.reasons))
+
+        return self.features.get(key, "train views", compute, self.unreadable)
+
     # ------------------------------------------------------------------ eval
     @torch.no_grad()
     def image_features(self, backbone, eval_set: EvalSet, settings: TrainSpec) -> tuple[torch.Tensor, torch.Tensor]:
-        """Frozen image features of an eval split, computed once per run (per precision)."""
-        items = "\n".join(f"{it.path}\t{it.label}" for it in eval_set.items)
-        key = hashlib.sha1(f"{settings.precision}\n{items}".encode()).hexdigest()
-        if key not in self._features:
-            tf = test_transform(backbone.image_size, backbone.image_mean, backbone.image_std)
+        """Frozen image features of an eval split: extracted once per run for every
+        method and seed, or read from the feature cache."""
+        tf = test_transform(backbone.image_size, backbone.image_mean, backbone.image_std)
+        precision = resolve_precision(self.device, settings.precision)
+        key = self.features.key(backbone, eval_set.items, {"kind": "test", "transform": repr(tf),
+                                                           "precision": precision, "device": self.device.type})
+
+        def compute() -> Features:
+            left_out = UnreadableImages()
             loader = _loader(eval_set.items, tf, settings.eval_batch_size, settings, shuffle=False,
-                             unreadable=self.unreadable)
+                             unreadable=left_out)
             feats, labels = [], []
             task = self.progress.start(f"features: {eval_set.name}", len(loader))
             for images, y in loader:
-                with autocast(self.device, settings.precision):
+                with autocast(self.device, precision):
                     feats.append(backbone.encode_image(images.to(self.device)).float())
                 labels.append(y)
                 self.progress.advance(task, 1)
             self.progress.stop(task)
             if not feats:
                 raise UserError(f"{eval_set.name}: none of its {len(eval_set.items)} images could be read")
-            self._features[key] = (torch.cat(feats), torch.cat(labels).to(self.device))
-        return self._features[key]
+            return Features(torch.cat(feats), torch.cat(labels), dict(left_out.reasons))
+
+        found = self.features.get(key, f"features: {eval_set.name}", compute, self.unreadable)
+        return found.features.to(self.device), found.labels.to(self.device)
 
     def eval_batches(self, label: str, method: PromptMethod, eval_set: EvalSet, settings: TrainSpec) -> Iterator[Batch]:
-        """The batches ``method`` is scored on: cached frozen features alone, or the
-        test images (with their cached frozen features when the method asks for both)."""
+        """The batches ``method`` is scored on: the run's frozen features alone, or the
+        test images (with those frozen features when the method asks for both). In
+        textbook mode every method encodes the test images of every batch itself."""
         bs = settings.eval_batch_size
         features = None
-        if "image_features" in method.inputs:
+        if "image_features" in method.inputs and not textbook.active():
             features, labels = self.image_features(method.backbone, eval_set, settings)
-        if "images" not in method.inputs:
-            for i in range(0, len(labels), bs):
-                yield Batch(image_features=features[i : i + bs], labels=labels[i : i + bs])
-            return
+            if "images" not in method.inputs:
+                for i in range(0, len(labels), bs):
+                    yield Batch(image_features=features[i : i + bs], labels=labels[i : i + bs])
+                return
         backbone = method.backbone
         tf = test_transform(backbone.image_size, backbone.image_mean, backbone.image_std)
         loader = _loader(eval_set.items, tf, bs, settings, shuffle=False, unreadable=self.unreadable)
@@ -496,8 +576,13 @@ class Engine:
         offset = 0
         for images, y in loader:
             n = len(y)
-            yield Batch(images=images.to(self.device), labels=y.to(self.device),
-                        image_features=None if features is None else features[offset : offset + n])
+            images, y = images.to(self.device), y.to(self.device)
+            if features is None:
+                with autocast(self.device, settings.precision):
+                    batch = make_batch(method, images, y)
+            else:
+                batch = Batch(images=images, labels=y, image_features=features[offset : offset + n])
+            yield batch
             offset += n
             self.progress.advance(task, 1)
         self.progress.stop(task)
@@ -512,10 +597,60 @@ class Engine:
         correct = scored = 0
         for batch in self.eval_batches(label, method, eval_set, settings):
             with autocast(self.device, settings.precision):
-                scores = method.predict(method(batch))
+                scores = method.predict(forward(method, batch))
             _check_scores(method, scores, batch, len(eval_set.classes))
             correct += (scores.argmax(-1) == batch.labels).sum().item()
             scored += len(batch.labels)  # unreadable images left out are not scored
         if not scored:
             raise UserError(f"{eval_set.name}: none of its {len(eval_set.items)} images could be read")
         return 100.0 * correct / scored
+
+
+@dataclass
+class ImageBatches:
+    """One epoch of augmented training images (fresh draws every epoch) as
+    :class:`Batch` es for a method."""
+
+    method: PromptMethod
+    loader: ImageLoader
+    device: torch.device
+    precision: str
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for images, labels in self.loader:
+            images, labels = images.to(self.device), labels.to(self.device)
+            with autocast(self.device, self.precision):
+                batch = make_batch(self.method, images, labels)
+            yield batch
+
+
+class ViewBatches:
+    """One epoch over pre-extracted views (``train.augment_views``): the images in a
+    fresh random order (the last partial batch dropped, as the image loader does),
+    each with one of its K views drawn at random."""
+
+    def __init__(self, views: Features, batch_size: int, seed: int, device: torch.device):
+        self.views = views
+        self.features = views.features.to(device)
+        self.labels = views.labels.to(device)
+        self.batch_size = batch_size
+        self.device = device
+        self.generator = torch.Generator().manual_seed(seed)
+        n = self.labels.shape[0]
+        self.drop_last = n >= batch_size
+
+    def __len__(self) -> int:
+        n = self.labels.shape[0]
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        k_views, n = self.features.shape[:2]
+        order = torch.randperm(n, generator=self.generator)
+        view = torch.randint(k_views, (n,), generator=self.generator)
+        for b in range(len(self)):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            idx_d = idx.to(self.device)
+            yield Batch(image_features=self.features[view[idx].to(self.device), idx_d], labels=self.labels[idx_d])

@@ -144,7 +144,11 @@ def run_context(spec) -> dict[str, Any]:
 
 
 #: Train fields that do not change what a (method, seed) pair computes.
-_NOT_IN_KEY = {"seeds", "device", "num_workers", "eval_batch_size", "unreadable_images", "kernels"}
+_NOT_IN_KEY = {"seeds", "device", "num_workers", "eval_batch_size", "unreadable_images", "kernels",
+               "text_chunk", "feature_cache"}
+#: Train fields in the key only when they differ from their default (newer fields:
+#: results keyed before they existed stay valid).
+_IN_KEY_WHEN_SET = {"augment_views": 0}
 
 
 def resolve_method(spec, section, label: str, entry) -> ResolvedMethod:
@@ -196,7 +200,8 @@ def method_key(spec, resolved: ResolvedMethod) -> str:
     payload = {
         "method": resolved.name,
         "options": resolved.options.model_dump(mode="json", exclude={"name", "label", "train"}),
-        "train": resolved.train.model_dump(mode="json", exclude=_NOT_IN_KEY),
+        "train": resolved.train.model_dump(mode="json", exclude=_NOT_IN_KEY | {
+            name for name, default in _IN_KEY_WHEN_SET.items() if getattr(resolved.train, name) == default}),
         "backbone": spec.backbone.model_dump(mode="json"),
         "dataset": spec.dataset.model_dump(mode="json"),
         "protocol": spec.protocol.model_dump(mode="json"),

@@ -48,10 +48,27 @@ class TrainSpec(BaseModel):
     kernels: Literal["auto", "reference", "triton"] | None = Field(
         None, description="backend of the fused ops: 'triton' (CUDA), 'reference' (PyTorch) or 'auto'; "
         "default: $VLPROMPT_KERNELS, else auto")
+    augment_views: int = Field(
+        0, ge=0, le=1000, description="K > 0: an approximation for methods that read only frozen image features "
+        "(CoOp, CoCoOp...): K augmented views of each training image go through the frozen image tower once, and "
+        "every epoch samples one of them per image; 0: a fresh augmentation every step (exact)")
+    text_chunk: Union[int, Literal["auto"]] = Field(
+        "auto", description="prompts per text-tower pass, recomputed in the backward pass (bounded memory for "
+        "many classes, same gradients); 0: one pass; auto: passes of about 1 GiB of activations")
+    feature_cache: Optional[Path] = Field(
+        None, description="folder of frozen image features kept between runs (test splits and augmented views), "
+        "keyed by backbone weights, images, transform and precision; share it between the runs of a sweep")
     unreadable_images: Literal["error", "skip"] = Field(
         "error", description="an image file that cannot be read: 'error' stops the run naming the file; "
         "'skip' leaves it out and counts it in results.json (unreadable_images)"
     )
+
+    @field_validator("text_chunk")
+    @classmethod
+    def _chunk(cls, value):
+        if isinstance(value, int) and value < 0:
+            raise ValueError("needs a number of prompts >= 1, 0 (one pass) or 'auto'")
+        return value
 
     @field_validator("crop_scale")
     @classmethod
@@ -68,7 +85,7 @@ TrainOverride = create_model(
     **{
         name: (Optional[field.annotation], Field(None, description=field.description))
         for name, field in TrainSpec.model_fields.items()
-        if name not in ("seeds", "device", "num_workers", "kernels", "unreadable_images")
+        if name not in ("seeds", "device", "num_workers", "kernels", "unreadable_images", "feature_cache")
     },
 )
 
