@@ -33,12 +33,18 @@ def quickstart(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Kernel benchmark (benchmarks/README.md): research shapes on a CUDA GPU, smoke mode
-    elsewhere (Triton in its interpreter). Arguments go to the script, e.g.
-    ``nox -s bench -- --dtype bf16 --json bench.json``."""
+    """Benchmarks (benchmarks/README.md): ``engine`` (the engine against textbook mode) and
+    ``kernels`` (the fused ops; research shapes on a CUDA GPU, smoke mode elsewhere). No
+    arguments: both, full size. ``nox -s bench -- engine --smoke`` or
+    ``nox -s bench -- kernels --dtype bf16 --json bench.json``: one, with its arguments."""
     install(session)
-    # no TRITON_INTERPRET here: on a GPU the kernels must be compiled (the script sets it on CPUs)
-    session.run("python", "benchmarks/kernels.py", *session.posargs, env={"HF_HUB_OFFLINE": "1"})
+    scripts = ["engine", "kernels"]
+    args = list(session.posargs)
+    if args and args[0] in scripts:
+        scripts, args = [args[0]], args[1:]
+    for script in scripts:
+        # no TRITON_INTERPRET here: on a GPU the kernels must be compiled (the scripts set it on CPUs)
+        session.run("python", f"benchmarks/{script}.py", *args, env={"HF_HUB_OFFLINE": "1"})
 
 
 @nox.session

@@ -35,6 +35,7 @@ def worker(args) -> dict:
     from vlprompt_core.api import Batch, ClassSet
     from vlprompt_core.builtin.open_clip_backbone import OpenClipOptions, build_open_clip
     from vlprompt_core.engine import make_optimizer, optimizer_groups
+    from vlprompt_core.prompting import text_chunking
     from vlprompt_core.spec import TrainSpec
     from vlprompt_plugin_cocoop import CoCoOp, CoCoOpOptions
 
@@ -43,7 +44,7 @@ def worker(args) -> dict:
     pretrained = "embedded" if args.model == "vlprompt_tiny" else None
     bb = build_open_clip(OpenClipOptions(model=args.model, pretrained=pretrained)).to(device)
     names = [f"object number {i}" for i in range(args.classes)]
-    method = CoCoOp(bb, ClassSet(names), CoCoOpOptions(chunk_size=args.chunk_size)).to(device)
+    method = CoCoOp(bb, ClassSet(names), CoCoOpOptions()).to(device)
     method.train()
     opt = make_optimizer(optimizer_groups(method), TrainSpec(lr=0.002))
     g = torch.Generator().manual_seed(1)
@@ -63,15 +64,16 @@ def worker(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    step(images[:1], labels[:1])  # warm-up
-    sync()
-    t0 = time.perf_counter()
-    if args.mode == "batched":
-        step(images, labels)
-    else:
-        for i in range(args.batch):
-            step(images[i : i + 1], labels[i : i + 1])
-    sync()
+    with text_chunking("auto" if args.text_chunk == "auto" else int(args.text_chunk)):
+        step(images[:1], labels[:1])  # warm-up
+        sync()
+        t0 = time.perf_counter()
+        if args.mode == "batched":
+            step(images, labels)
+        else:
+            for i in range(args.batch):
+                step(images[i : i + 1], labels[i : i + 1])
+        sync()
     return {"mode": args.mode, "seconds": time.perf_counter() - t0, "peak_mb": _peak_mb(device),
             "prompts_per_pass": args.batch * args.classes if args.mode == "batched" else args.classes}
 
@@ -81,7 +83,7 @@ def main() -> None:
     p.add_argument("--model", default="ViT-B-16")
     p.add_argument("--classes", type=int, default=100)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--chunk-size", type=int, default=4096)
+    p.add_argument("--text-chunk", default="auto", help="prompts per text-tower pass, 0 (one pass) or auto")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--mode", choices=["batched", "loop"], help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -91,7 +93,7 @@ def main() -> None:
     results = {}
     for mode in ("batched", "loop"):
         cmd = [sys.executable, __file__, "--mode", mode, "--model", args.model, "--classes", str(args.classes),
-               "--batch", str(args.batch), "--chunk-size", str(args.chunk_size), "--device", args.device]
+               "--batch", str(args.batch), "--text-chunk", str(args.text_chunk), "--device", args.device]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         results[mode] = json.loads(out.strip().splitlines()[-1])
     b, loop = results["batched"], results["loop"]
