@@ -118,13 +118,15 @@ def mode(name: str, chunk="auto"):
 ADJECTIVES = ["red", "small", "wooden", "striped", "golden", "wild", "old", "spotted", "giant", "northern"]
 NOUNS = ["fox", "teapot", "sports car", "mountain bike", "grand piano", "owl", "lighthouse", "tree frog",
          "umbrella", "espresso machine"]
+PLACES = ["alpine", "coastal", "desert", "urban", "arctic", "tropical", "indoor", "garden", "forest"]
 
 
 def class_names(n: int) -> list[str]:
-    """``n`` distinct class names of 2 to 4 words, like a benchmark's."""
+    """``n`` distinct class names of 2 to 4 words, like a benchmark's (up to 1000)."""
     names = [f"{a} {b}" for b in NOUNS for a in ADJECTIVES]
-    while len(names) < n:
-        names += [f"{x} number {len(names)}" for x in names[: n - len(names)]]
+    names += [f"{c} {name}" for c in PLACES for name in names]
+    if n > len(names):
+        raise SystemExit(f"at most {len(names)} classes")
     return names[:n]
 
 
@@ -315,17 +317,35 @@ def _run(spec: dict, tmp: str, tag: str, textbook_on: bool = False) -> tuple[dic
 
 
 def section_views(args, device, out: dict) -> None:
-    """augment_views against exact training on the embedded base-to-novel task."""
+    """augment_views against exact training: on the embedded base-to-novel task (the
+    tiny CLIP, 32-px images), and, unless ``--smoke``, on a synthetic 50-class task with
+    the ViT-B/16-sized model, where the frozen image pass is most of an exact step."""
     epochs = 2 if args.smoke else 10
-    base = {
+    tiny = {
         "backbone": TINY, "method": [{"name": "coop"}, {"name": "cocoop"}],
         "dataset": {"name": "embedded_objects_closeup"}, "protocol": {"name": "base2novel", "shots": 16},
         "train": {"epochs": epochs, "batch_size": 32, "crop_scale": [0.8, 1.0],
                   "seeds": [1] if args.smoke else [1, 2, 3]},
     }
+    out["views"] = _views(args, tiny, epochs, "embedded world, tiny CLIP")
+    if not args.smoke:
+        with tempfile.TemporaryDirectory() as data:
+            names = class_names(50)
+            for split, per_class in (("train", 4), ("val", 1), ("test", 1)):
+                write_images(Path(data) / split, names, per_class, seed=len(split))
+            large = {
+                "backbone": VIT_B16, "method": [{"name": "coop"}],
+                "dataset": {"name": "folder", "path": data}, "protocol": {"name": "base2novel", "shots": 4},
+                "train": {"epochs": 3, "batch_size": 32, "seeds": [1]},
+            }
+            out["views_vit_b16"] = _views(args, large, 3, "synthetic 50 classes, ViT-B/16-sized", views=[4])
+
+
+def _views(args, base: dict, epochs: int, title: str, views: list[int] | None = None) -> dict:
+    print(f"  {title}")
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for k in [0] + args.views:
+        for k in [0] + (views or args.views):
             spec = json.loads(json.dumps(base))
             spec["train"]["augment_views"] = k
             record, wall = _run(spec, tmp, f"views{k}")
@@ -337,14 +357,14 @@ def section_views(args, device, out: dict) -> None:
     exact = rows[0]
     for k, row in rows.items():
         for meth, s in row["summary"].items():
-            line = f"  K={k:3d} {meth:8s} H {s['H']['mean']:6.2f}  epoch {row['epoch_s'][meth]:7.3f} s"
+            line = f"    K={k:3d} {meth:8s} H {s['H']['mean']:6.2f}  epoch {row['epoch_s'][meth]:7.3f} s"
             if k:
                 line += (f"  ({exact['epoch_s'][meth] / row['epoch_s'][meth]:.1f}x faster than exact;  "
                          f"H {s['H']['mean'] - exact['summary'][meth]['H']['mean']:+.2f})")
             elif meth == next(iter(row["summary"])):
                 line += f"  (run {row['wall_s']:.1f} s)"
             print(line)
-    out["views"] = {str(k): v for k, v in rows.items()}
+    return {str(k): v for k, v in rows.items()}
 
 
 def section_cocoop(args, device, out: dict) -> None:
@@ -374,27 +394,32 @@ def section_cocoop(args, device, out: dict) -> None:
 
 
 def section_run(args, device, out: dict) -> None:
-    """``method: all``, base-to-novel, 3 seeds: the whole run in both modes."""
-    section = TINY if args.smoke else VIT_B16
+    """A whole base-to-novel run, 3 seeds, every method at its recipe's batch size: wall
+    time in textbook mode and in the engine. ``--run-model`` and ``--run-methods`` (``all``
+    or a comma-separated list) choose what runs."""
+    section = TINY if args.smoke or args.run_model == "tiny" else VIT_B16
     n_classes = 10 if args.smoke else args.run_classes
+    methods = "all" if args.run_methods == "all" else [{"name": m} for m in args.run_methods.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         names = class_names(n_classes)
         for split, per_class in (("train", 2), ("val", 1), ("test", args.run_test_per_class)):
             write_images(Path(tmp) / "data" / split, names, per_class, seed=len(split))
         spec = {
-            "backbone": section, "method": "all",
+            "backbone": section, "method": methods,
             "dataset": {"name": "folder", "path": f"{tmp}/data"},
             "protocol": {"name": "base2novel", "shots": 1},
-            "train": {"epochs": 1, "batch_size": 32, "seeds": [1, 2, 3]},
+            "train": {"epochs": 1, "seeds": [1, 2, 3]},
         }
-        walls = {}
+        walls, per_pair = {}, {}
         for m in MODES:
             record, walls[m] = _run(spec, tmp, m, textbook_on=m == "textbook")
-            print(f"  method: all, {n_classes} classes, 3 seeds, {m:8s}: {walls[m]:8.1f} s", flush=True)
+            per_pair[m] = {f"{r['method']} seed {r['seed']}": r["time_s"] for r in record["runs"]}
+            print(f"  {args.run_methods}, {n_classes} classes, 3 seeds, {m:8s}: {walls[m]:8.1f} s", flush=True)
     ratio = walls["textbook"] / walls["engine"]
-    print(f"whole run ({section['model']}): textbook {walls['textbook']:.1f} s, engine {walls['engine']:.1f} s: "
-          f"{ratio:.2f}x")
-    out["run"] = {"classes": n_classes, "wall_s": walls, "ratio": ratio}
+    print(f"whole run ({section['model']}, {args.run_methods}): textbook {walls['textbook']:.1f} s, "
+          f"engine {walls['engine']:.1f} s: {ratio:.2f}x")
+    out["run"] = {"model": section["model"], "methods": args.run_methods, "classes": n_classes, "wall_s": walls,
+                  "ratio": ratio, "pairs": per_pair}
 
 
 SECTIONS = {"equal": section_equal, "steps": section_steps, "cache": section_cache, "views": section_views,
@@ -414,6 +439,8 @@ def main(argv=None) -> dict:
     p.add_argument("--cache-images", type=int, default=200)
     p.add_argument("--views", default="4,16", help="augment_views K values")
     p.add_argument("--run-classes", type=int, default=100)
+    p.add_argument("--run-model", choices=["tiny", "vitb16"], default="vitb16")
+    p.add_argument("--run-methods", default="all", help="'all' or a comma-separated list of methods")
     p.add_argument("--run-test-per-class", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", type=Path, help="write the figures here")
