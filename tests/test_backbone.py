@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -253,8 +255,10 @@ def test_openai_state_dict_checkpoint(openai_model, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
-def test_openai_torchscript_archive_is_detected_by_auto(openai_model, tmp_path):
-    """format: auto recognises a TorchScript archive and loads it the OpenAI way."""
+def test_openai_torchscript_archive_is_detected_by_auto(openai_model, tmp_path, monkeypatch):
+    """format: auto recognises a TorchScript archive and loads it the OpenAI way, its
+    tensors read as data: ``torch.jit.load`` (which compiles and runs the archive's
+    code) is never called, and tensors that are no weights (the mask) are left out."""
     import copy
 
     model = copy.deepcopy(openai_model)
@@ -265,8 +269,156 @@ def test_openai_torchscript_archive_is_detected_by_auto(openai_model, tmp_path):
     traced = torch.jit.trace_module(model, {"encode_text": (tokens,), "encode_image": (images(1),)})
     path = tmp_path / "ViT-tiny.pt"
     traced.save(str(path))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.jit.load called")
+
+    monkeypatch.setattr(torch.jit, "load", refuse)
     loaded = build_open_clip(OpenClipOptions(model="ViT-B-32", pretrained=str(path)))
     _check_openai_load(loaded, openai_model)
+
+
+
+class _Marker:
+    """Unpickling this creates the file ``path``: what a malicious checkpoint would do
+    with ``os.system``, harmlessly."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def _malicious(kind: str, path: Path, marker: Path) -> None:
+    payload = {"visual.proj": _Marker(marker), "text_projection": torch.zeros(2, 2)}
+    if kind == "pickle":
+        import pickle
+
+        path.write_bytes(pickle.dumps(payload))
+    else:
+        torch.save({"state_dict": payload}, path)
+        if kind == "torchscript":  # what makes it look like a TorchScript archive
+            import zipfile
+
+            with zipfile.ZipFile(path, "a") as zf:
+                zf.writestr(f"{path.stem}/constants.pkl", b"")
+
+
+@pytest.mark.parametrize("kind, fmt", [("pickle", "openai"), ("torch.save", "openai"), ("torchscript", "auto"),
+                                       ("torch.save", "auto"), ("pickle", "auto")])
+def test_a_checkpoint_holding_python_objects_is_refused_unrun(kind, fmt, world, tmp_path):
+    path, marker = tmp_path / "weights.pt", tmp_path / "pwned"
+    _malicious(kind, path, marker)
+    model = "ViT-B-32" if fmt == "openai" else str(world["config"])
+    with pytest.raises(UserError) as exc:
+        build_open_clip(OpenClipOptions(model=model, pretrained=str(path), format=fmt))
+    [line] = exc.value.problems
+    assert line.startswith(f"backbone.pretrained: {path}: refused: the file holds Python objects"), line
+    assert "could run code" in line and "\n" not in line
+    assert not marker.exists()
+
+
+def test_files_that_are_no_checkpoint_are_user_errors(tmp_path):
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint\n")
+    empty = tmp_path / "empty.pt"
+    torch.save({}, empty)
+    for path, words in ((text, "not a PyTorch checkpoint"), (empty, "not a state dict of tensors")):
+        with pytest.raises(UserError) as exc:
+            build_open_clip(OpenClipOptions(model="ViT-B-32", pretrained=str(path), format="openai"))
+        [line] = exc.value.problems
+        assert line.startswith(f"backbone.pretrained: {path}: {words}"), line
+
+
+def test_no_code_unpickles_arbitrary_objects():
+    """Every torch.load in vlprompt and its plug-ins is weights-only; none calls torch.jit.load."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    for source in [*root.glob("vlprompt_core/**/*.py"), *root.glob("plugins/*/src/**/*.py")]:
+        text = source.read_text()
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=True" in call, (source, call)
+        assert "jit.load(" not in text, source
+
+
+# ------------------------------------------------------------ pretrained tags
+
+
+@pytest.fixture()
+def unreachable_hub(monkeypatch, tmp_path):
+    """No network: the hub's address refuses connections, nothing is cached, and
+    offline mode is off (so only the reachability check can tell)."""
+    import huggingface_hub.constants as hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(hub, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    for proxy in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
+    return hub
+
+
+def test_a_tag_that_cannot_be_fetched_fails_in_seconds_with_one_line(unreachable_hub, caplog):
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(UserError) as exc:
+        build_open_clip(OpenClipOptions(model="ViT-B-32", pretrained="openai"))
+    assert time.monotonic() - start < 10
+    [line] = exc.value.problems
+    assert line.startswith("backbone.pretrained: cannot download the 'openai' weights of 'ViT-B-32': "
+                           "127.0.0.1:9 cannot be reached"), line
+    assert "set pretrained: to a local checkpoint file" in line
+    assert not [r for r in caplog.records if r.levelno >= 30], caplog.records  # nothing logged beside it
+
+
+def test_a_run_with_such_a_tag_stops_with_one_error_line(unreachable_hub, registry, world, tmp_path):
+    import time
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from vlprompt_core.cli import app
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({
+        "backbone": {"name": "open_clip", "model": "ViT-B-32", "pretrained": "openai"},
+        "method": {"name": "zeroshot"}, "dataset": {"name": "toy", "root": str(world["data"])},
+        "protocol": {"name": "few_shot", "shots": 1}, "train": {"seeds": [1]}, "output": str(tmp_path / "out"),
+    }))
+    start = time.monotonic()
+    result = CliRunner().invoke(app, ["run", str(spec)])
+    assert time.monotonic() - start < 10
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower() or "warn" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("error: backbone.pretrained: cannot download the 'openai' "
+                                                     "weights of 'ViT-B-32': 127.0.0.1:9 cannot be reached"), errors
+
+
+def test_offline_mode_without_the_weights_in_the_cache_fails_at_once(unreachable_hub, monkeypatch):
+    monkeypatch.setattr(unreachable_hub, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError, match="offline mode is on .* not in its cache; download them once"):
+        build_open_clip(OpenClipOptions(model="ViT-B-32", pretrained="openai"))
+
+
+def test_cached_weights_of_a_tag_are_found_without_the_network(unreachable_hub):
+    import open_clip
+
+    from vlprompt_core.builtin.open_clip_backbone import _cached_weights
+
+    tag = open_clip.get_pretrained_cfg("ViT-B-32", "openai")
+    assert _cached_weights(tag) is None
+    repo = Path(unreachable_hub.HF_HUB_CACHE) / "models--timm--vit_base_patch32_clip_224.openai"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    weights = repo / "snapshots" / "abc123" / "open_clip_model.safetensors"
+    weights.write_bytes(b"")
+    assert _cached_weights(tag) == str(weights)
 
 
 # ------------------------------------------------------------- deep prompts

@@ -137,7 +137,8 @@ def test_visual_method_on_a_resnet_is_one_clear_line(world, reg, tmp_path):
     (line,) = exc.value.problems
     assert line.startswith("method 'toy_visual' (toy_visual) needs a ViT image tower")
     assert "ModifiedResNet" in line
-    assert not (tmp_path / "out" / "results.json").exists()  # nothing ran
+    record = json.loads((tmp_path / "out" / "results.json").read_text())  # nothing ran, and the record says why
+    assert record["status"] == "failed" and record["runs"] == [] and "needs a ViT image tower" in record["error"]
 
 
 # ------------------------------------------------------------- training hooks

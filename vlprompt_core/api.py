@@ -26,9 +26,10 @@ if TYPE_CHECKING:
 
 
 class Options(BaseModel):
-    """Base of every plug-in's options model: unknown keys are errors, not ignored."""
+    """Base of every plug-in's options model: unknown keys are errors, not ignored,
+    and so are infinite or NaN floats."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ContractError(RuntimeError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import unicodedata
 from pathlib import Path
 
 import typer
@@ -12,6 +13,7 @@ from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from .errors import UserError
 
@@ -20,9 +22,20 @@ out = Console()
 err = Console(stderr=True)
 
 
+def _one_line(text: str) -> str:
+    """``text`` as one printable line: line breaks, other control characters (a
+    terminal would obey escape sequences) and lone surrogates written as escapes."""
+    return "".join(
+        ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch) in ("Cc", "Zl", "Zp", "Cs") else ch
+        for ch in text
+    )
+
+
 def _fail(exc: UserError) -> None:
+    """Print each problem as one ``error:`` line (its text verbatim, never read as
+    markup: it may quote the spec) and exit with code 2."""
     for line in exc.problems:
-        err.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
+        err.print(Text.assemble(("error:", "red"), " ", _one_line(line)), soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -31,8 +44,8 @@ def _registry():
 
     reg = get_registry()
     for f in reg.failures:
-        err.print(f"[yellow]warning:[/yellow] plug-in {f.entry_point} ({f.distribution}) failed to load: {f.error}",
-                  highlight=False, soft_wrap=True)
+        err.print(Text.assemble(("warning:", "yellow"), " ", _one_line(
+            f"plug-in {f.entry_point} ({f.distribution}) failed to load: {f.error}")), soft_wrap=True)
     return reg
 
 
@@ -49,10 +62,11 @@ def _prepare(spec: Path, output: Path | None):
 
 
 def _execute(spec: Path, output: Path | None, checkpoints_from: Path | None = None):
-    from .engine import Engine, ProgressReporter
+    from .engine import Engine, PluginError, ProgressReporter
     from .results import results_table, settings_table
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    run_spec = None
     try:
         reg, run_spec = _prepare(spec, output)
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -61,7 +75,7 @@ def _execute(spec: Path, output: Path | None, checkpoints_from: Path | None = No
             def stop(task):
                 if not err.is_terminal:  # no bars in a log file: one line per finished step instead
                     done = next(t for t in bars.tasks if t.id == task)
-                    err.print(f"{done.description}: done in {done.elapsed:.1f} s", highlight=False)
+                    err.print(Text(f"{done.description}: done in {done.elapsed:.1f} s"), soft_wrap=True)
                 bars.remove_task(task)
 
             reporter = ProgressReporter(
@@ -69,13 +83,25 @@ def _execute(spec: Path, output: Path | None, checkpoints_from: Path | None = No
                 advance=lambda task, n=1: bars.advance(task, n),
                 stop=stop,
             )
-            engine = Engine(run_spec, reg, reporter, log=lambda m: err.print(m, highlight=False))
+            engine = Engine(run_spec, reg, reporter, log=lambda m: err.print(Text(m), soft_wrap=True))
             err.print(settings_table(engine.methods))
             record = engine.run(checkpoints_from=checkpoints_from)
     except UserError as exc:
         _fail(exc)
+    except PluginError as exc:
+        err.print(Text.assemble(("error:", "red"), " ", _one_line(str(exc))), soft_wrap=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        where = run_spec.output if run_spec is not None else "the results folder"
+        err.print(f"interrupted: every finished epoch is saved in {where}; run the same command again to continue "
+                  "from the last one", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     out.print(results_table(record["summary"], engine.title()))
     out.print(f"results: {engine.results_path}  ({record['time_s']['total']:.1f} s)", highlight=False)
+    if record["failures"]:
+        for f in record["failures"]:
+            err.print(Text.assemble(("failed:", "red"), " ", _one_line(f["error"])), soft_wrap=True)
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -121,7 +147,7 @@ def validate(spec: Path = typer.Argument(..., help="run spec (YAML)")):
     except UserError as exc:
         _fail(exc)
     out.print(settings_table(methods))
-    out.print(f"{spec}: ok", highlight=False)
+    out.print(Text(f"{spec}: ok"), soft_wrap=True)
 
 
 @app.command("list")

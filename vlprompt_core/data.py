@@ -6,11 +6,13 @@ import csv
 import json
 import os
 import random
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
@@ -23,6 +25,15 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 def default_data_root() -> Path:
     """``$VLPROMPT_DATA``, else ``~/.cache/vlprompt/data``."""
     return Path(os.environ.get("VLPROMPT_DATA", Path.home() / ".cache" / "vlprompt" / "data")).expanduser()
+
+
+def expand_user(path: Path) -> Path:
+    """``path`` with a leading ``~`` or ``~user`` expanded; unchanged when that home
+    folder is unknown (the path is then simply not found, with its name as written)."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        return Path(path)
 
 
 def prompt_name(classname: str) -> str:
@@ -63,6 +74,14 @@ def _same_class(a: str, b: str) -> bool:
     return prompt_name(a).lower() == prompt_name(b).lower()
 
 
+def inside(root: Path, path: str) -> bool:
+    """Whether ``root / path`` stays in ``root``: not absolute elsewhere, no ``..``
+    climbing out. Compared as written, links not followed (an image folder may
+    legitimately be a link to another disk)."""
+    base = os.path.abspath(root)
+    return os.path.commonpath([base, os.path.abspath(os.path.join(base, path))]) == base
+
+
 def read_split_json(split_file: Path) -> tuple[dict | None, list[str]]:
     """The parsed split file, or the problem that stops it being read."""
     try:
@@ -86,7 +105,8 @@ def read_split_json(split_file: Path) -> tuple[dict | None, list[str]]:
 def scan_split_file(split_file: Path, image_dir: Path, classes: ClassSet) -> Scan:
     """The benchmark layout: a JSON with ``train``/``val``/``test`` lists of
     ``[relative image path, label, class name]``, paths relative to ``image_dir``.
-    Every row's label and class name are checked against the canonical ``classes``."""
+    Every row's label and class name are checked against the canonical ``classes``,
+    and its path must stay in ``image_dir`` (a split file names images, not any file)."""
     scan = Scan()
     data, scan.problems = read_split_json(split_file)
     if data is None:
@@ -95,7 +115,7 @@ def scan_split_file(split_file: Path, image_dir: Path, classes: ClassSet) -> Sca
     index: dict[str, list[int]] = defaultdict(list)
     for label, cname in enumerate(classes.names):
         index[prompt_name(cname).lower()].append(label)
-    bad_rows, out_of_range, unknown, moved = [], [], [], []
+    bad_rows, outside, out_of_range, unknown, moved = [], [], [], [], []
     for split in SPLITS:
         for i, row in enumerate(data[split]):
             where = f"{split}[{i}]"
@@ -104,6 +124,9 @@ def scan_split_file(split_file: Path, image_dir: Path, classes: ClassSet) -> Sca
                 bad_rows.append(where)
                 continue
             path, label, cname = row
+            if not inside(image_dir, path):
+                outside.append((where, path))
+                continue
             if not 0 <= label < n:
                 out_of_range.append((where, label, cname))
                 continue
@@ -114,6 +137,11 @@ def scan_split_file(split_file: Path, image_dir: Path, classes: ClassSet) -> Sca
             scan.splits[split].append(Item(image_dir / path, label))
     if bad_rows:
         scan.problems.append(f"{split_file}: {_first(bad_rows)} is not [path, label, classname]")
+    if outside:
+        where, path = outside[0]
+        more = f" ({len(outside)} rows in all)" if len(outside) > 1 else ""
+        scan.problems.append(f"{split_file}: {where}: image path {path!r} leads out of the image folder "
+                             f"{image_dir}{more}; split-file paths are relative to it, without '..'")
     if out_of_range:
         where, label, cname = out_of_range[0]
         more = f" ({len(out_of_range)} rows in all)" if len(out_of_range) > 1 else ""
@@ -353,7 +381,7 @@ def scan_image_lists(folder: Path, image_dir: Path, lists: dict[str, str], suffi
         if not path.is_file():
             scan.problems.append(f"{path}: split list not found")
             continue
-        unknown = []
+        unknown, outside = [], []
         for i, line in enumerate(path.read_text().splitlines(), start=1):
             if not line.strip():
                 continue
@@ -362,7 +390,13 @@ def scan_image_lists(folder: Path, image_dir: Path, lists: dict[str, str], suffi
             if label is None:
                 unknown.append(f"line {i} {cname!r}")
                 continue
+            if not inside(image_dir, f"{image_id}{suffix}"):
+                outside.append(f"line {i} {image_id!r}")
+                continue
             scan.splits[split].append(Item(image_dir / f"{image_id}{suffix}", label))
+        if outside:
+            scan.problems.append(f"{path}: image id(s) leading out of the image folder {image_dir}: "
+                                 f"{_first(outside)}; ids name images in it, without '..'")
         if unknown:
             lines = "1 line names" if len(unknown) == 1 else f"{len(unknown)} lines name"
             scan.problems.append(f"{path}: {lines} a class the dataset spec does not have: {_first(unknown)} "
@@ -416,11 +450,16 @@ def items_from_rows(name: str, rows: list[tuple[str, str, str | None]], base: Pa
     return DatasetSplits(name, classes, splits["train"], splits["val"], splits["test"])
 
 
+#: Why a listed image path is refused (the list names images under one folder, not any file).
+_OUTSIDE = ("leads out of {base}, the folder the paths are relative to; set image_root to a folder that holds "
+            "every image")
+
+
 def load_csv(name: str, path: Path, image_root: Path | None, templates: list[str], *, classnames=None,
              ensemble=None) -> DatasetSplits:
     """A CSV with columns ``path``, ``class`` and optionally ``split`` (train/val/test;
     rows without one are split per class, seeded); paths relative to ``image_root``
-    (default: the CSV's folder). Classes: ``classnames`` in order, else sorted."""
+    (default: the CSV's folder), and inside it. Classes: ``classnames`` in order, else sorted."""
     if not path.is_file():
         raise UserError(f"{path}: CSV file not found")
     with path.open(newline="") as f:
@@ -431,6 +470,7 @@ def load_csv(name: str, path: Path, image_root: Path | None, templates: list[str
                             "and optionally split)")
         has_split = "split" in (reader.fieldnames or [])
         raw = list(reader)
+    base = image_root or path.parent
     rows = []
     for i, r in enumerate(raw, start=2):
         split = (r.get("split") or "").strip() if has_split else ""
@@ -438,8 +478,10 @@ def load_csv(name: str, path: Path, image_root: Path | None, templates: list[str
             raise UserError(f"{path}:{i}: split {split!r} is not train, val or test")
         if not r["path"] or not r["class"]:
             raise UserError(f"{path}:{i}: empty path or class")
+        if not inside(base, r["path"]):
+            raise UserError(f"{path}:{i}: image path {r['path']!r} {_OUTSIDE.format(base=base)}")
         rows.append((r["path"], r["class"], split or None))
-    return items_from_rows(name, rows, image_root or path.parent, path, templates, classnames, ensemble)
+    return items_from_rows(name, rows, base, path, templates, classnames, ensemble)
 
 
 def load_json_list(name: str, path: Path, image_root: Path | None, templates: list[str], *, classnames=None,
@@ -468,6 +510,8 @@ def load_json_list(name: str, path: Path, image_root: Path | None, templates: li
         split = r[2] if len(r) == 3 else None
         if split not in (None, "", *SPLITS):
             raise UserError(f"{path}: entry {i}: split {split!r} is not train, val or test")
+        if not inside(base, r[0]):
+            raise UserError(f"{path}: entry {i}: image path {r[0]!r} {_OUTSIDE.format(base=base)}")
         rows.append((r[0], r[1], split or None))
     return items_from_rows(name, rows, base, path, templates, classnames, ensemble)
 
@@ -548,15 +592,47 @@ class Unreadable:
         return f"{self.path}: {self.reason}"
 
 
+#: Pillow modes of 16-bit greyscale (and 32-bit ``I``, as some Pillow versions open 16-bit PNGs).
+_WIDE_GREY = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """``im`` as 8-bit RGB. Pillow's own conversion clips 16-bit greyscale at 255
+    (a white image), so it is scaled to 8 bits here; a palette with transparency
+    goes through RGBA (as Pillow asks), the alpha dropped as by ``convert("RGB")``."""
+    if im.mode in _WIDE_GREY:
+        wide = np.asarray(im).astype(np.int64).clip(0, 65535)
+        return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8)).convert("RGB")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    return im.convert("RGB")
+
+
 def read_rgb(path: Path) -> Image.Image | Unreadable:
-    """The image at ``path`` as RGB, or why it cannot be read."""
+    """The image at ``path`` as RGB, or why it cannot be read.
+
+    Whatever the file holds, the outcome is one of the two: a truncated, empty or
+    non-image file, or one whose header claims more pixels than Pillow's
+    decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``; refused before decoding,
+    not after Pillow's warning), is an :class:`Unreadable` with the reason."""
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
+        if Path(path).stat().st_size == 0:
+            return Unreadable(str(path), "cannot read image (empty file)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return _to_rgb(im)
     except FileNotFoundError:
         return Unreadable(str(path), "image file not found")
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        return Unreadable(str(path), f"cannot read image ({exc})")
+    except IsADirectoryError:
+        return Unreadable(str(path), "cannot read image (a folder, not a file)")
+    except UnidentifiedImageError:
+        return Unreadable(str(path), "cannot read image (not an image file, or a format Pillow cannot read)")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        return Unreadable(str(path), f"cannot read image (refused: {exc})")
+    except Exception as exc:  # noqa: BLE001 - a decoder fails in many ways on a corrupt file: each is the file's
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return Unreadable(str(path), f"cannot read image ({detail})")
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -614,6 +690,29 @@ class UnreadableImages:
 UNREADABLE_POLICIES = ("error", "skip")
 
 
+class ShuffledBatches(torch.utils.data.Sampler):
+    """A fresh random order every epoch, in batches, the last partial batch dropped when
+    there is at least one full batch: the order (and the use of ``generator``) of a
+    DataLoader with ``shuffle=True``, plus :attr:`skip` to start the next epoch after
+    that many batches (a run resumed mid-epoch: the batches it already trained on are
+    not read again)."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator):
+        self.n, self.batch_size, self.generator = n, batch_size, generator
+        self.drop_last = n >= batch_size
+        self.skip = 0
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=self.generator).tolist()
+        torch.randperm(self.n, generator=self.generator)  # as RandomSampler draws at the end of its pass
+        skip, self.skip = self.skip, 0
+        for b in range(skip, len(self)):
+            yield order[b * self.batch_size : (b + 1) * self.batch_size]
+
+
 class ImageLoader:
     """Batches ``(images, labels)`` of ``items`` through a torch DataLoader.
 
@@ -630,13 +729,14 @@ class ImageLoader:
             raise ValueError(f"on_unreadable must be one of {UNREADABLE_POLICIES}, not {on_unreadable!r}")
         self.on_unreadable = on_unreadable
         self.unreadable = unreadable if unreadable is not None else UnreadableImages()
+        generator = torch.Generator().manual_seed(seed)
+        self.batches = ShuffledBatches(len(items), batch_size, generator) if shuffle else None
         self.loader = torch.utils.data.DataLoader(
             ImageDataset(items, transform, defer_errors=True),
-            batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle and len(items) >= batch_size,
+            batch_size=1 if shuffle else batch_size,  # 1: the DataLoader's "unset" when batch_sampler batches
+            batch_sampler=self.batches,
             num_workers=num_workers,
-            generator=torch.Generator().manual_seed(seed),
+            generator=generator,
             collate_fn=collate_readable,
         )
 

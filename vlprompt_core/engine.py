@@ -20,6 +20,7 @@ import math
 import random
 import re
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,18 +29,34 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from . import __version__, textbook
 from .api import Batch, ContractError, EvalSet, Item, MethodOutput, ParamGroup, PromptMethod, ProtocolContext
 from .data import ImageLoader, UnreadableImages, test_transform, train_transform
 from .errors import UserError
 from .features import Features, FeatureStore
+from .lock import FolderLock
 from .plugins import Registry
 from .prompting import text_chunking
 from .recipes import ResolvedMethod
 from .results import aggregate, atomic_write_json, markdown_table, package_versions
 from .spec import TrainSpec, resolve_methods
+from .trainstate import Position, atomic_save, load_state, save_state
+
+
+class PairFailed(Exception):
+    """One (method, seed) pair could not finish (its loss stopped being finite, or its
+    plug-in raised); it is recorded in ``results.json`` and the other pairs go on."""
+
+
+class PluginError(Exception):
+    """A plug-in raised (naming it and its distribution); the traceback is in ``errors.log``."""
+
+
+def state_path(checkpoint: Path) -> Path:
+    """Where the training state beside a pair's checkpoint goes (:mod:`~vlprompt_core.trainstate`)."""
+    return checkpoint.with_name(checkpoint.name.removesuffix(".safetensors") + ".state.safetensors")
 
 
 def set_seed(seed: int) -> None:
@@ -144,10 +161,7 @@ def _sha(data: bytes) -> str:
 def save_checkpoint(method: PromptMethod, path: Path, metadata: dict[str, str]) -> None:
     """The trainable parameters (fp32, safetensors) with what they were trained as."""
     tensors = {n: p.detach().cpu().contiguous() for n, p in trainable_parameters(method).items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    atomic_save(tensors, path, metadata)
 
 
 def load_checkpoint(method: PromptMethod, path: Path, expect: dict[str, str]) -> None:
@@ -235,7 +249,8 @@ class Engine:
     def load_dataset(self, section):
         key = section.model_dump_json()
         if key not in self._datasets:
-            self._datasets[key] = self.registry.get("dataset", section.name).load(section)
+            entry = self.registry.get("dataset", section.name)
+            self._datasets[key] = self._plugin_call("dataset", section.name, "load", lambda: entry.load(section))
         return self._datasets[key]
 
     def method_labels(self) -> list[str]:
@@ -298,11 +313,62 @@ class Engine:
         spec = self.spec
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
-        hook = self.registry.hook
 
+        sources = self._checkpoint_sources(checkpoints_from) if checkpoints_from is not None else None
+        wanted = {(self._run_key(m, s, sources), s) for m in self.methods for s in spec.train.seeds}
+        with FolderLock(self.output, log=self.log):
+            runs = self._previous_runs(wanted)
+            done = {(r["key"], r["seed"]) for r in runs}
+            record = {
+                "vlprompt": __version__,
+                "status": "running",
+                "spec": spec.model_dump(mode="json"),
+                "spec_hash": self.spec_hash(),
+                "methods": {m.label: m.describe() for m in self.methods},
+                "versions": package_versions(self._plugin_distributions()),
+                "device": str(self.device),
+                "runs": runs,
+                "failures": [],
+            }
+            if checkpoints_from is not None:
+                record["checkpoints_from"] = str(checkpoints_from)
+            atomic_write_json(self.results_path, record)
+            try:
+                self._run_pairs(record, done, sources, timings)
+            except KeyboardInterrupt:
+                record.update(status="interrupted", error="stopped by the user (Ctrl-C)")
+                atomic_write_json(self.results_path, record)
+                raise
+            except UserError as exc:
+                record.update(status="failed", error="; ".join(exc.problems))
+                atomic_write_json(self.results_path, record)
+                raise
+            except Exception as exc:
+                record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+                atomic_write_json(self.results_path, record)
+                raise
+
+            order = {m.label: i for i, m in enumerate(self.methods)}
+            runs.sort(key=lambda r: (order.get(r["method"], len(order)), r["seed"]))
+            timings["total"] = time.perf_counter() - t0
+            record.update(status="failed" if record["failures"] else "complete", summary=aggregate(runs),
+                          time_s=timings, unreadable_images=self.unreadable.summary())
+            atomic_write_json(self.results_path, record)
+            (self.output / "results.md").write_text(markdown_table(record["summary"], self.title()))
+            self.notify("vlprompt_run_end", results=record, output_dir=str(self.output))
+        return record
+
+    def _run_pairs(self, record: dict, done: set, sources: dict | None, timings: dict[str, float]) -> None:
+        """Build the backbone, load the data, then train and score every pair not done.
+        A pair whose loss stops being finite, or whose method plug-in fails, is recorded
+        in ``record["failures"]`` and the other pairs go on."""
+        spec, runs = self.spec, record["runs"]
         tb = time.perf_counter()
+        record["kernels"] = self._kernels()
         set_seed(spec.train.seeds[0])  # random-weight backbones (tests) are reproducible too
-        backbone = self.registry.get("backbone", spec.backbone.name).build(spec.backbone).to(self.device)
+        backbone = self._plugin_call("backbone", spec.backbone.name, "build",
+                                     lambda: self.registry.get("backbone", spec.backbone.name).build(spec.backbone))
+        backbone = backbone.to(self.device)
         for m in self.methods:
             for capability in getattr(self.registry.get("method", m.name).build, "requires", ()):
                 backbone.require(capability, f"method {m.label!r} ({m.name})")
@@ -311,31 +377,11 @@ class Engine:
         dataset = self.load_dataset(spec.dataset)
         protocol = self.registry.get("protocol", spec.protocol.name)
         timings["dataset"] = time.perf_counter() - td
-
-        kernels = self._kernels()
-        sources = self._checkpoint_sources(checkpoints_from) if checkpoints_from is not None else None
-        wanted = {(self._run_key(m, s, sources), s) for m in self.methods for s in spec.train.seeds}
-        self.output.mkdir(parents=True, exist_ok=True)
-        runs = self._previous_runs(wanted)
-        done = {(r["key"], r["seed"]) for r in runs}
-        record = {
-            "vlprompt": __version__,
-            "status": "running",
-            "spec": spec.model_dump(mode="json"),
-            "spec_hash": self.spec_hash(),
-            "methods": {m.label: m.describe() for m in self.methods},
-            "versions": package_versions(self._plugin_distributions()),
-            "device": str(self.device),
-            "kernels": kernels,
-            "runs": runs,
-        }
-        if checkpoints_from is not None:
-            record["checkpoints_from"] = str(checkpoints_from)
-        atomic_write_json(self.results_path, record)
-        hook.vlprompt_run_start(spec=record["spec"], output_dir=str(self.output))
+        self.notify("vlprompt_run_start", spec=record["spec"], output_dir=str(self.output))
 
         for seed in spec.train.seeds:
-            plan = protocol.plan(spec.protocol, ProtocolContext(dataset, seed, self.load_dataset))
+            plan = self._plugin_call("protocol", spec.protocol.name, f"seed {seed}", lambda: protocol.plan(
+                spec.protocol, ProtocolContext(dataset, seed, self.load_dataset)))
             self._save_sample(seed, plan.sample)
             for m in self.methods:
                 key = self._run_key(m, seed, sources)
@@ -346,21 +392,50 @@ class Engine:
                             r["method"] = m.label
                     continue
                 source = sources.get((m.label, seed)) if sources is not None else None
-                result = self.run_one(m, seed, backbone, plan, key, source, scoring_only=sources is not None)
+                try:
+                    result = self._plugin_call("method", m.name, f"{m.label} seed {seed}", lambda: self.run_one(
+                        m, seed, backbone, plan, key, source, scoring_only=sources is not None))
+                except (PairFailed, PluginError) as exc:
+                    self.log(f"error: {exc}")
+                    record["failures"].append({"method": m.label, "seed": seed, "error": str(exc)})
+                    atomic_write_json(self.results_path, record)
+                    continue
                 result["summary"] = protocol.summarize(spec.protocol, result["accuracy"])
                 runs.append(result)
                 atomic_write_json(self.results_path, record)
-                hook.vlprompt_evaluation_done(method=m.label, seed=seed, results=result)
+                if result.get("checkpoint"):
+                    state_path(self.output / result["checkpoint"]).unlink(missing_ok=True)  # the pair is done
+                self.notify("vlprompt_evaluation_done", method=m.label, seed=seed, results=result)
 
-        order = {m.label: i for i, m in enumerate(self.methods)}
-        runs.sort(key=lambda r: (order.get(r["method"], len(order)), r["seed"]))
-        timings["total"] = time.perf_counter() - t0
-        record.update(status="complete", summary=aggregate(runs), time_s=timings,
-                      unreadable_images=self.unreadable.summary())
-        atomic_write_json(self.results_path, record)
-        (self.output / "results.md").write_text(markdown_table(record["summary"], self.title()))
-        hook.vlprompt_run_end(results=record, output_dir=str(self.output))
-        return record
+    def _plugin_call(self, kind: str, name: str, what: str, call: Callable[[], Any]) -> Any:
+        """``call()``; an exception that is neither the user's (:class:`UserError`) nor an
+        interruption becomes a :class:`PluginError` naming the plug-in and its
+        distribution (the traceback goes to ``errors.log`` in the results folder)."""
+        try:
+            return call()
+        except (UserError, PairFailed, PluginError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            source = self.registry.sources.get((kind, name))
+            origin = f"plug-in {source.plugin} ({source.distribution} {source.version})" if source else "its plug-in"
+            self.output.mkdir(parents=True, exist_ok=True)
+            with open(self.output / "errors.log", "a") as f:
+                f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {kind} {name!r}, {what}\n")
+                f.write("".join(traceback.format_exception(exc)))
+            raise PluginError(f"{what}: {kind} {name!r} from {origin} raised {type(exc).__name__}: {exc} "
+                             f"(traceback in {self.output / 'errors.log'})") from exc
+
+    def notify(self, hook: str, **kwargs) -> None:
+        """Call every implementation of a lifecycle ``hook``; one that raises is reported
+        (naming its plug-in and distribution) and the run goes on."""
+        for impl in getattr(self.registry.hook, hook).get_hookimpls():
+            try:
+                impl.function(**{k: kwargs[k] for k in impl.argnames})
+            except Exception as exc:  # noqa: BLE001 - a logger must never stop a run
+                source = self.registry.plugins.get(impl.plugin_name)
+                origin = f"{source.distribution} {source.version}" if source else "?"
+                self.log(f"warning: plug-in {impl.plugin_name} ({origin}) failed in {hook}: "
+                         f"{type(exc).__name__}: {exc}")
 
     def _kernels(self) -> dict:
         """Select the fused-op backend (``train.kernels``, else ``$VLPROMPT_KERNELS``, else
@@ -458,21 +533,36 @@ class Engine:
             batches = ImageBatches(method, loader, self.device, settings.precision)
         method.set_classes(plan.classes)
         method.train()
-        log = []
+        log: list[dict] = []
+        state = state_path(checkpoint)
+        identity = {k: metadata[k] for k in ("method", "options", "key", "seed")}
+        resumed = load_state(state, method, optimizer, batches.generator, identity)
+        at = Position(0)
+        if resumed is not None:
+            at, log = resumed
+            where = f"step {at.step} of epoch {at.epoch + 1}" if at.step else f"epoch {at.epoch}"
+            self.log(f"{label} seed {seed}: resuming after {where} of {settings.epochs} ({state})")
         task = self.progress.start(f"{label} seed {seed}: train", settings.epochs * len(batches))
-        for epoch in range(settings.epochs):
+        self.progress.advance(task, at.epoch * len(batches) + at.step)
+        every = settings.checkpoint_every
+        for epoch in range(at.epoch, settings.epochs):
             started = time.perf_counter()
+            epoch_start = batches.generator.get_state()
             lr = lr_at(epoch, settings)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
-            total, count, correct = 0.0, 0, 0
-            terms: dict[str, float] = {}
+            step, (total, count, correct, terms) = (at.step, at.sums) if epoch == at.epoch else (0, [0.0, 0, 0, {}])
+            batches.skip = step
             for batch in batches:
                 labels = batch.labels
                 with autocast(self.device, settings.precision):
                     out = forward(method, batch)
                     loss = method.loss(out, batch)
                 _check_scores(method, out.logits, batch, len(plan.classes))
+                if not torch.isfinite(loss):
+                    raise PairFailed(
+                        f"{label} seed {seed}: the loss became {loss.item()} in epoch {epoch + 1} of {settings.epochs} "
+                        f"at learning rate {lr:g}; try a lower train.lr (the other pairs go on)")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -483,13 +573,18 @@ class Engine:
                 for name, term in out.losses.items():
                     terms[name] = terms.get(name, 0.0) + float(term.detach()) * n
                 self.progress.advance(task, 1)
+                step += 1
+                if every and step % every == 0 and step < len(batches):
+                    save_state(state, method, optimizer, epoch_start,
+                               Position(epoch, step, [total, count, correct, terms]), log, identity)
             method.on_epoch_end(epoch, settings.epochs)
             metrics = {"epoch": epoch, "lr": lr, "loss": total / max(count, 1),
                        "train_acc": 100 * correct / max(count, 1), "time_s": time.perf_counter() - started}
             metrics.update({f"loss.{k}": v / max(count, 1) for k, v in terms.items()})
             log.append(metrics)
             save_checkpoint(method, checkpoint, {**metadata, "epoch": str(epoch)})
-            self.registry.hook.vlprompt_epoch_end(method=label, seed=seed, epoch=epoch, metrics=metrics)
+            save_state(state, method, optimizer, batches.generator.get_state(), Position(epoch + 1), log, identity)
+            self.notify("vlprompt_epoch_end", method=label, seed=seed, epoch=epoch, metrics=metrics)
         self.progress.stop(task)
         return log
 
@@ -619,6 +714,20 @@ class ImageBatches:
     def __len__(self) -> int:
         return len(self.loader)
 
+    @property
+    def generator(self) -> torch.Generator:
+        """What orders the images (and seeds loader workers): part of the training state."""
+        return self.loader.loader.generator
+
+    @property
+    def skip(self) -> int:
+        return self.loader.batches.skip
+
+    @skip.setter
+    def skip(self, n: int) -> None:
+        """Start the next epoch after ``n`` batches (a run resumed mid-epoch)."""
+        self.loader.batches.skip = n
+
     def __iter__(self) -> Iterator[Batch]:
         for images, labels in self.loader:
             images, labels = images.to(self.device), labels.to(self.device)
@@ -641,6 +750,7 @@ class ViewBatches:
         self.generator = torch.Generator().manual_seed(seed)
         n = self.labels.shape[0]
         self.drop_last = n >= batch_size
+        self.skip = 0  # start the next epoch after this many batches (a run resumed mid-epoch)
 
     def __len__(self) -> int:
         n = self.labels.shape[0]
@@ -650,7 +760,8 @@ class ViewBatches:
         k_views, n = self.features.shape[:2]
         order = torch.randperm(n, generator=self.generator)
         view = torch.randint(k_views, (n,), generator=self.generator)
-        for b in range(len(self)):
+        skip, self.skip = self.skip, 0
+        for b in range(skip, len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             idx_d = idx.to(self.device)
             yield Batch(image_features=self.features[view[idx].to(self.device), idx_d], labels=self.labels[idx_d])

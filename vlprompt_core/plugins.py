@@ -68,6 +68,8 @@ class Registry:
     sources: dict[tuple[str, str], Source] = field(default_factory=dict)
     failures: list[LoadFailure] = field(default_factory=list)
     pm: pluggy.PluginManager | None = None
+    #: Where each registered plug-in (by its pluggy name) comes from, hooks-only ones too.
+    plugins: dict[str, Source] = field(default_factory=dict)
 
     def get(self, kind: str, name: str) -> Any:
         try:
@@ -129,7 +131,7 @@ def make_plugin_manager(
 
 
 def build_registry(pm: pluggy.PluginManager, failures: list[LoadFailure], sources: dict[str, Source]) -> Registry:
-    reg = Registry(failures=list(failures), pm=pm)
+    reg = Registry(failures=list(failures), pm=pm, plugins=dict(sources))
     for kind, hookname in KINDS.items():
         caller = getattr(pm.hook, hookname)
         for impl in caller.get_hookimpls():

@@ -145,7 +145,7 @@ def run_context(spec) -> dict[str, Any]:
 
 #: Train fields that do not change what a (method, seed) pair computes.
 _NOT_IN_KEY = {"seeds", "device", "num_workers", "eval_batch_size", "unreadable_images", "kernels",
-               "text_chunk", "feature_cache"}
+               "text_chunk", "feature_cache", "checkpoint_every"}
 #: Train fields in the key only when they differ from their default (newer fields:
 #: results keyed before they existed stay valid).
 _IN_KEY_WHEN_SET = {"augment_views": 0}

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
@@ -76,7 +77,7 @@ def results_table(summary: dict[str, dict[str, dict[str, float]]], title: str) -
     for m in metrics:
         table.add_column(m, justify="right")
     for label, row in summary.items():
-        table.add_row(label, *(_cell(row[m]) for m in metrics))
+        table.add_row(Text(label), *(_cell(row[m]) for m in metrics))  # Text: a label is never markup
     n = max((row[m]["n"] for row in summary.values() for m in row), default=0)
     table.caption = f"accuracy (%), mean ± std over {n} seed(s)" if n > 1 else "accuracy (%)"
     return table
@@ -97,5 +98,5 @@ def settings_table(methods) -> Table:
         train = ", ".join(f"{n} {getattr(m.train, n)}{mark('train.' + n)}" for n in SHOWN_SETTINGS)
         chosen = [k for k, v in m.sources.items() if not k.startswith("train.") and v != "default"]
         options = ", ".join(f"{k}={getattr(m.options, k)!r}{mark(k)}" for k in chosen) or "defaults"
-        table.add_row(m.label, f"{train}; options: {options}")
+        table.add_row(Text(m.label), Text(f"{train}; options: {options}"))  # Text: values are never markup
     return table

@@ -25,6 +25,7 @@ from ..data import (
     Scan,
     class_folder_problems,
     default_data_root,
+    expand_user,
     folder_class_dirs,
     load_class_folders,
     load_csv,
@@ -215,7 +216,7 @@ class SpecDatasetOptions(Options):
             if spec.embedded is None and "VLPROMPT_DATA" not in os.environ:
                 raise ValueError(f"required: the folder that holds {spec.folder}/ (or set $VLPROMPT_DATA)")
             return None
-        root = root.expanduser()
+        root = expand_user(root)
         folder = root / spec.folder
         if spec.embedded is None and not folder.is_dir():
             if root.name == spec.folder or (root / spec.image_dir).is_dir():
@@ -378,6 +379,9 @@ def read_spec_files() -> tuple[list[DatasetEntry], list[str]]:
                 where = ".".join(str(p) for p in e["loc"])
                 problems.append(f"{path}: {where + ': ' if where else ''}{e['msg']}")
                 continue
+            except (ValueError, RecursionError) as exc:  # not UTF-8, an impossible date, nesting too deep
+                problems.append(f"{path}: not a dataset spec ({str(exc).strip() or type(exc).__name__})")
+                continue
             specs[spec.name] = (spec, path)
     entries = []
     for name, (spec, path) in specs.items():
@@ -423,6 +427,8 @@ def read_data_info(path: Path) -> DataInfo:
         raise UserError(*[f"{path}: {'.'.join(map(str, e['loc'])) or '(top level)'}: "
                           f"{'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}"
                           for e in exc.errors()]) from None
+    except (ValueError, RecursionError) as exc:  # not UTF-8, an impossible date, nesting too deep
+        raise UserError(f"{path}: not a dataset description ({str(exc).strip() or type(exc).__name__})") from None
 
 
 class CustomOptions(Options):
@@ -455,9 +461,9 @@ class FolderOptions(CustomOptions):
     @field_validator("path")
     @classmethod
     def _exists(cls, path: Path) -> Path:
-        if not path.expanduser().is_dir():
+        if not expand_user(path).is_dir():
             raise ValueError(f"dataset folder not found: {path}")
-        return path.expanduser()
+        return expand_user(path)
 
 
 class CsvOptions(CustomOptions):
@@ -470,9 +476,9 @@ class CsvOptions(CustomOptions):
     @field_validator("path")
     @classmethod
     def _exists(cls, path: Path) -> Path:
-        if not path.expanduser().is_file():
+        if not expand_user(path).is_file():
             raise ValueError(f"CSV file not found: {path}")
-        return path.expanduser()
+        return expand_user(path)
 
 
 class JsonOptions(CsvOptions):
@@ -485,9 +491,9 @@ class JsonOptions(CsvOptions):
     @field_validator("path")
     @classmethod
     def _exists(cls, path: Path) -> Path:
-        if not path.expanduser().is_file():
+        if not expand_user(path).is_file():
             raise ValueError(f"JSON file not found: {path}")
-        return path.expanduser()
+        return expand_user(path)
 
 
 def load_folder(o: FolderOptions) -> DatasetSplits:

@@ -5,10 +5,25 @@ Weights come from a pretrained tag (the user's cache or the hub), a local
 checkpoint file (open_clip format, or an original OpenAI CLIP archive / state
 dict as the reference research code loads), the project's embedded tiny CLIP
 (``pretrained: embedded``), or nowhere (random init, for tests).
+
+A checkpoint file is data, never code: it is read as tensors only (safetensors, or
+PyTorch's weights-only unpickler, TorchScript archives included), so a file that
+holds other Python objects is refused rather than run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import pickle
+import pickletools
+import re
+import socket
+import threading
+import urllib.parse
+import urllib.request
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Callable, Literal
@@ -20,6 +35,7 @@ from torch import nn
 
 from .. import hookimpl, textbook
 from ..api import BackboneEntry, ContractError, Options, TextPrefix, VisionLanguageBackbone
+from ..data import expand_user
 from ..embedded import pretrain as embedded
 from ..errors import UserError
 
@@ -63,12 +79,272 @@ def _is_torchscript(path: Path) -> bool:
         return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _starts_with_a_pickle(path: Path) -> bool:
+    """Whether the file begins with a well-formed pickle (as ``torch.save``'s legacy
+    format does), parsed without being unpickled."""
+    with open(path, "rb") as f:
+        try:
+            for _ in pickletools.genops(f):
+                pass
+        except Exception:  # noqa: BLE001 - any parse failure means: not a pickle
+            return False
+    return True
+
+
+def _refused(path: Path, exc: pickle.UnpicklingError) -> str:
+    """The message for a file the weights-only unpickler refuses: a checkpoint holding
+    Python objects besides tensors, or no checkpoint at all."""
+    if not (zipfile.is_zipfile(path) or _starts_with_a_pickle(path)):
+        return f"backbone.pretrained: {path}: not a PyTorch checkpoint (neither a zip archive nor a pickle)"
+    found = re.search(r"GLOBAL (\S+)", str(exc))
+    what = f" ({found.group(1)})" if found else ""
+    return (f"backbone.pretrained: {path}: refused: the file holds Python objects{what}, not only tensors, and "
+            "unpickling them could run code; save the weights as tensors (a state dict, or safetensors)")
+
+
+def _load_tensors(path: Path):
+    """What a ``torch.save`` file holds, through PyTorch's weights-only unpickler
+    (tensors and plain containers; anything else is refused, never constructed)."""
+    try:
+        with warnings.catch_warnings():  # the refusal says it all; no warning beside it about pickle protocols
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UserError(_refused(path, exc)) from None
+    except (RuntimeError, ValueError, EOFError, OSError) as exc:
+        raise UserError(f"backbone.pretrained: {path}: not a PyTorch checkpoint ({_first_line(exc)})") from None
+
+
+class _ScriptObject:
+    """Stands for an object of a TorchScript class while an archive is unpickled:
+    keeps its attributes (one subclass per class, named by ``qualified_name``)."""
+
+    qualified_name = ""
+
+    def __setstate__(self, state) -> None:
+        self.attributes = state if isinstance(state, dict) else {}
+
+
+def _script_classes(data_pkl: bytes) -> list[str]:
+    """The TorchScript classes (``__torch__.…``) a pickle names, read without unpickling it."""
+    names = set()
+    for opcode, arg, _ in pickletools.genops(data_pkl):
+        if opcode.name == "GLOBAL":
+            module, _, name = arg.partition(" ")
+            if module == "__torch__" or module.startswith("__torch__."):
+                names.add(f"{module}.{name}")
+    return sorted(names)
+
+
+def _declared_tensors(zf: zipfile.ZipFile, root: str, qualified_name: str) -> set[str]:
+    """The parameter and buffer names of a TorchScript class, read as text from its
+    definition in the archive's ``code/`` (``__parameters__ = [...]``, ``__buffers__ = [...]``):
+    the other tensor attributes (a causal mask, say) are not weights."""
+    module, _, name = qualified_name.rpartition(".")
+    try:
+        source = zf.read(f"{root}code/{module.replace('.', '/')}.py").decode("utf-8")
+    except (KeyError, UnicodeDecodeError):
+        source = ""
+    body = re.search(rf"^class {re.escape(name)}\(.*\n((?:[ \t].*\n|\n)*)", source, re.MULTILINE)
+    lists = [body and re.search(rf"^\s+{key} = \[(.*?)\]", body.group(1), re.MULTILINE | re.DOTALL)
+             for key in ("__parameters__", "__buffers__")]
+    if not all(lists):
+        raise UserError(f"backbone.pretrained: {zf.filename}: TorchScript class {qualified_name} has no list of "
+                        "parameters in the archive's code; not an archive vlprompt can read as weights")
+    return {n for found in lists for n in re.findall(r'"([^"]*)"', found.group(1))}
+
+
+def _torchscript_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The parameters and buffers of a TorchScript archive, read without running it.
+
+    ``torch.jit.load`` compiles the archive's ``code/`` (TorchScript source, which can
+    call operators that read and write files) and runs the ``__setstate__`` methods it
+    defines: a downloaded archive could act on the machine. Here ``code/`` is only read
+    as text (which attributes are parameters or buffers), and ``data.pkl`` goes through
+    PyTorch's weights-only unpickler, the one ``torch.load(weights_only=True)`` uses
+    (which refuses TorchScript archives as a whole), with each TorchScript class a
+    stand-in that keeps its attributes and runs nothing. A global that is neither a
+    TorchScript class nor a tensor is refused."""
+    from torch import _weights_only_unpickler
+    from torch.jit import _pickle as script_pickle
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            found = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+            if not found:
+                raise UserError(f"backbone.pretrained: {path}: a TorchScript archive without data.pkl")
+            root = found[0][: -len("data.pkl")]
+            classes = {name: type(name.rpartition(".")[2], (_ScriptObject,), {"qualified_name": name})
+                       for name in _script_classes(zf.read(found[0]))}
+            allowed = [(cls, name) for name, cls in classes.items()] + [
+                script_pickle.build_intlist, script_pickle.build_tensorlist, script_pickle.build_doublelist,
+                script_pickle.build_boollist, script_pickle.restore_type_tag]
+            with torch.serialization.safe_globals(allowed), \
+                    torch.serialization._open_zipfile_reader(str(path)) as reader:
+                top = torch.serialization._load(reader, "cpu", _weights_only_unpickler, weights_only=True,
+                                                encoding="utf-8")
+            if not isinstance(top, _ScriptObject):
+                raise UserError(f"backbone.pretrained: {path}: a TorchScript archive that holds no module")
+            state, declared, pending, seen = {}, {}, [("", top)], set()
+            while pending:
+                prefix, obj = pending.pop()
+                if id(obj) in seen:  # each module once: a pickle may share one, or loop (OpenAI CLIP shares none)
+                    continue
+                seen.add(id(obj))
+                name = obj.qualified_name
+                if name not in declared:
+                    declared[name] = _declared_tensors(zf, root, name)
+                for attr, value in getattr(obj, "attributes", {}).items():  # none: never built
+                    if isinstance(value, _ScriptObject):
+                        pending.append((f"{prefix}{attr}.", value))
+                    elif attr in declared[name] and isinstance(value, torch.Tensor):
+                        state[prefix + attr] = value
+            return state
+    except pickle.UnpicklingError as exc:
+        raise UserError(_refused(path, exc)) from None
+    except (RuntimeError, ValueError, TypeError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise UserError(f"backbone.pretrained: {path}: cannot read the TorchScript archive "
+                        f"({_first_line(exc)})") from None
+
+
+def _load_openai_model(path: Path) -> nn.Module:
+    """An original OpenAI CLIP checkpoint (TorchScript archive or state dict) as an
+    open_clip ``CLIP`` in fp32: architecture read from the weights, QuickGELU as trained.
+
+    What ``open_clip.load_openai_model`` does, without its ``torch.jit.load`` (see
+    :func:`_torchscript_state_dict`) or its fallback to an unrestricted ``torch.load``."""
+    from open_clip.model import build_model_from_openai_state_dict
+
+    state = _torchscript_state_dict(path) if _is_torchscript(path) else _load_tensors(path)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # a training checkpoint, keys prefixed by DataParallel's "module."
+    if not (isinstance(state, dict) and state
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
+        raise UserError(f"backbone.pretrained: {path}: not a state dict of tensors, nor an OpenAI CLIP archive")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    try:
+        model = build_model_from_openai_state_dict(state, cast_dtype=None)
+    except (KeyError, RuntimeError, ValueError, IndexError, AssertionError, TypeError) as exc:
+        raise UserError(f"backbone.pretrained: {path} is not an OpenAI CLIP checkpoint ({_first_line(exc)})") \
+            from None
+    model.float()
+    model.visual.image_mean, model.visual.image_std = OPENAI_MEAN, OPENAI_STD
+    return model.eval()
+
+
+# ------------------------------------------------------------ pretrained tags
+
+#: Seconds to wait for the hub (or a proxy) to accept a connection before saying it cannot be reached.
+REACH_TIMEOUT = 3.0
+
+
+def _cached_weights(cfg: dict) -> str | None:
+    """The local file of a pretrained tag's weights when they were downloaded before
+    (the Hugging Face cache, or open_clip's ``~/.cache/clip`` for URL downloads),
+    looked up as open_clip's download would look for them; None otherwise."""
+    if cfg.get("file"):
+        return cfg["file"]
+    if cfg.get("hf_hub"):
+        from huggingface_hub import try_to_load_from_cache
+        from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+        repo, filename = os.path.split(cfg["hf_hub"])
+        filename = filename or HF_WEIGHTS_NAME
+        safe = (HF_SAFE_WEIGHTS_NAME if filename == HF_WEIGHTS_NAME
+                else filename[:-4] + ".safetensors" if filename.endswith((".bin", ".pth")) else None)
+        for name in filter(None, (safe, filename)):  # open_clip prefers the safetensors file
+            found = try_to_load_from_cache(repo, name)
+            if isinstance(found, str):
+                return found
+        return None
+    if cfg.get("url"):
+        target = Path("~/.cache/clip").expanduser() / os.path.basename(cfg["url"])
+        return str(target) if target.is_file() else None
+    return None
+
+
+def _unreachable(url: str, timeout: float = REACH_TIMEOUT) -> str | None:
+    """Why ``url``'s host (or the proxy the environment puts in front of it) does
+    not accept a connection within ``timeout`` seconds, or None when it does. The
+    attempt runs in a thread so that a slow name lookup cannot hold it up either."""
+    parts = urllib.parse.urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(parts.hostname or ""):
+        parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    try:
+        host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return f"{url} is not a valid address"
+    if not host:
+        return f"{url} is not a valid address"
+    outcome: list[str | None] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as exc:
+            outcome.append(f"{host}:{port} cannot be reached ({exc.strerror or exc})")
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return outcome[0] if outcome else f"{host}:{port} does not answer within {timeout:.0f} s"
+
+
+def _fetch_problem(cfg: dict) -> str | None:
+    """Why the weights of a pretrained tag that is not cached cannot be downloaded,
+    found out in seconds (offline mode, or the host not answering); None when a
+    download is worth trying. Without this, huggingface_hub retries for a minute."""
+    import huggingface_hub.constants as hub
+
+    if cfg.get("hf_hub"):
+        if hub.is_offline_mode():
+            return "Hugging Face offline mode is on (HF_HUB_OFFLINE) and they are not in its cache"
+        return _unreachable(hub.ENDPOINT)
+    return _unreachable(cfg.get("url", ""))
+
+
+class _Holder(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def _held_library_logs():
+    """Hold what open_clip (on the root logger) and huggingface_hub log, and the
+    warnings they issue, while a model is made: passed on when it is made, dropped
+    when making it fails, since the UserError then says it once (not beside
+    open_clip's own ``ERROR root: Failed to download ...``)."""
+    root = logging.getLogger()
+    handlers, holder = root.handlers[:], _Holder()
+    root.handlers = [holder]
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            yield
+    finally:
+        root.handlers = handlers
+    for record in holder.records:
+        root.handle(record)
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
 def _model_config(opts: OpenClipOptions) -> Path | None:
     """The config file a model name refers to (the embedded model, or a JSON path)."""
     if opts.model == EMBEDDED_MODEL:
         return Path(EMBEDDED_CONFIG)
     if opts.model.endswith(".json"):
-        return Path(opts.model).expanduser()
+        return expand_user(Path(opts.model))
     return None
 
 
@@ -77,7 +353,7 @@ def _checkpoint_path(opts: OpenClipOptions) -> Path | None:
     p = opts.pretrained
     if p is None or p == "embedded":
         return None
-    path = Path(p).expanduser()
+    path = expand_user(Path(p))
     return path if (path.suffix or "/" in p or path.is_file()) else None
 
 
@@ -129,26 +405,45 @@ def _create_open_clip_model(opts: OpenClipOptions) -> tuple[nn.Module, str]:
     pretrained = str(EMBEDDED_WEIGHTS) if opts.pretrained == "embedded" else opts.pretrained
     path = _checkpoint_path(opts)
     quick_gelu = opts.quick_gelu
+    preprocess = None
     if path is not None:
         if opts.format == "openai" or (opts.format == "auto" and _is_torchscript(path)):
-            # OpenAI CLIP: architecture read from the weights, QuickGELU as trained. Every
-            # OpenAI CLIP uses the same BPE tokenizer, registered under any OpenAI name.
-            return open_clip.load_openai_model(str(path), precision="fp32", device="cpu"), "ViT-B-32"
+            # Every OpenAI CLIP uses the same BPE tokenizer, registered under any OpenAI name.
+            return _load_openai_model(path), "ViT-B-32"
         pretrained = str(path)
-    elif pretrained is not None and opts.pretrained != "embedded" and quick_gelu is None:
-        quick_gelu = bool(open_clip.get_pretrained_cfg(model_name, pretrained).get("quick_gelu", False))
+    elif pretrained is not None and opts.pretrained != "embedded":
+        tag = open_clip.get_pretrained_cfg(model_name, pretrained)
+        if quick_gelu is None:
+            quick_gelu = bool(tag.get("quick_gelu", False))
+        cached = _cached_weights(tag) if tag else None
+        if cached is not None:  # no network needed: load the file, with the tag's preprocessing
+            pretrained, preprocess = cached, tag
+        elif tag and (why := _fetch_problem(tag)):
+            from huggingface_hub.constants import HF_HUB_CACHE
+
+            cache = HF_HUB_CACHE if tag.get("hf_hub") else "~/.cache/clip"
+            raise UserError(
+                f"backbone.pretrained: cannot download the {pretrained!r} weights of {model_name!r}: {why}; "
+                f"download them once where the network is reachable (they stay in {cache}), or set "
+                "pretrained: to a local checkpoint file"
+            )
     try:
-        model = open_clip.create_model(
-            model_name, pretrained=pretrained, force_quick_gelu=bool(quick_gelu), device="cpu"
-        )
+        with _held_library_logs():
+            model = open_clip.create_model(model_name, pretrained=pretrained, force_quick_gelu=bool(quick_gelu),
+                                           force_preprocess_cfg=preprocess, device="cpu")
         return model, model_name
-    except (RuntimeError, AssertionError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except pickle.UnpicklingError as exc:
+        raise UserError(_refused(path or Path(pretrained), exc)) from None
+    except (RuntimeError, AssertionError, KeyError, ValueError, EOFError, StopIteration) as exc:
+        first = _first_line(exc)
         if path is not None or opts.pretrained == "embedded":
             raise UserError(
                 f"backbone.pretrained: {path or pretrained} does not fit model {model_name!r} ({first}); "
                 "for an original OpenAI CLIP file set format: openai"
             ) from None
+        if preprocess is not None:
+            raise UserError(f"backbone.pretrained: the cached {opts.pretrained!r} weights ({pretrained}) cannot be "
+                            f"loaded ({first}); delete the file to download it again") from None
         if isinstance(exc, RuntimeError) and ("download" in first.lower() or "offline" in first.lower()):
             raise UserError(f"backbone.pretrained: could not fetch weights {pretrained!r}: {first}") from None
         raise
@@ -272,14 +567,12 @@ class OpenClipBackbone(VisionLanguageBackbone):
     def encode_text_prefix(self, prefix: torch.Tensor) -> TextPrefix:
         """Each block runs on the prefixes as in the full pass (causal mask over P tokens);
         its keys and values are projected once per prefix, for all the suffixes."""
-        transformer = self.text.transformer
         x = prefix.to(self._text_cast(prefix))
         mask = self.text.attn_mask[: x.shape[1], : x.shape[1]]
-        batch_first = getattr(transformer, "batch_first", True)
         states = []
-        for block in transformer.resblocks:
-            states.append(_keys_values(block, x))
-            x = block(x, attn_mask=mask) if batch_first else block(x.transpose(0, 1), attn_mask=mask).transpose(0, 1)
+        for block in self.text.transformer.resblocks:
+            x, keys, values = _prefix_block(block, x, mask)
+            states.append((keys, values))
         return states
 
     def encode_text_suffix(self, prefix: TextPrefix, suffix: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -382,14 +675,18 @@ def _shares_prefixes(text, pool_type: str) -> bool:
     return True
 
 
-def _keys_values(block, x):
-    """The keys and values ``[G, heads, P, head_dim]`` of ``block``'s attention over ``x`` ``[G, P, W]``."""
+def _prefix_block(block, x, mask):
+    """One ``ResidualAttentionBlock`` on prefix tokens ``x`` ``[G, P, W]`` (causal ``mask``
+    ``[P, P]``), by hand so that its keys and values ``[G, heads, P, head_dim]``, kept
+    for the suffixes, come from the one projection the block itself uses."""
     attn = block.attn
-    width, heads = x.shape[-1], attn.num_heads
-    bias = attn.in_proj_bias[width:] if attn.in_proj_bias is not None else None
-    kv = F.linear(block.ln_1(x), attn.in_proj_weight[width:], bias)  # [G, P, 2W]
-    keys, values = kv.unflatten(-1, (2, heads, width // heads)).permute(2, 0, 3, 1, 4)
-    return keys, values
+    groups, length, width = x.shape
+    heads = attn.num_heads
+    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)  # [G, P, 3W]
+    q, keys, values = qkv.unflatten(-1, (3, heads, width // heads)).permute(2, 0, 3, 1, 4)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.to(q.dtype))
+    x = x + block.ls_1(attn.out_proj(out.transpose(1, 2).reshape(groups, length, width)))
+    return x + block.ls_2(block.mlp(block.ln_2(x))), keys, values
 
 
 def _suffix_block(block, x, keys, values, mask):
