@@ -269,6 +269,32 @@ def test_a_second_run_on_a_folder_in_use_refuses_naming_the_holder(world, tmp_pa
     assert len([line for line in stderr.splitlines() if line.startswith("error:")]) == 1
 
 
+def test_two_runs_on_one_folder_one_refuses_and_a_killed_runs_lock_is_taken_over(world, tmp_path):
+    out = tmp_path / "out"
+    long_file = tmp_path / "long.yaml"
+    long_file.write_text(yaml.safe_dump(spec(world, out, [{"name": "coop", "n_ctx": 2}], epochs=500)))
+    first = cli_run(world, long_file)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # until the first run holds the folder
+        lock = out / LOCK_NAME
+        if lock.is_file() and lock.read_text() and json.loads(lock.read_text()).get("pid") == first.pid:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the first run never took the folder")
+    second = cli_run(world, long_file)
+    assert second.wait(timeout=300) == 2
+    assert f"in use by process {first.pid}" in second.stderr.read()
+    assert first.poll() is None  # the first one runs on
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    short_file = tmp_path / "short.yaml"
+    short_file.write_text(yaml.safe_dump(spec(world, out, [{"name": "coop", "n_ctx": 2}], epochs=1, seeds=[1])))
+    third = cli_run(world, short_file)
+    assert third.wait(timeout=300) == 0, third.stderr.read()
+    assert f"taking over the lock of process {first.pid}, which is no longer running" in third.stderr.read()
+
+
 def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", (
         "import time, sys; from vlprompt_core.lock import FolderLock\n"

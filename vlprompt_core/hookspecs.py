@@ -94,7 +94,9 @@ def vlprompt_protocols() -> list[ProtocolEntry]:
 
 # ---------------------------------------------------------------------------
 # Lifecycle hooks: for loggers and exporters. Called by the engine in the order
-# below, for every registered implementation; return values are ignored.
+# below, for every registered implementation, one at a time: an implementation that
+# raises is reported as a warning naming its plug-in, and the run goes on; return
+# values are ignored.
 # ---------------------------------------------------------------------------
 
 
@@ -122,7 +124,8 @@ def vlprompt_epoch_end(method: str, seed: int, epoch: int, metrics: dict[str, fl
     :param seed: the seed of the pair.
     :param epoch: 0-based epoch index.
     :param metrics: at least ``epoch``, ``lr``, ``loss`` (mean over the epoch's
-        images), ``train_acc`` (%), and ``loss.<name>`` for each extra loss term.
+        images), ``train_acc`` (%), ``time_s`` (the epoch's wall time) and
+        ``loss.<name>`` for each extra loss term.
     :return: nothing; return values are ignored.
     """
 
