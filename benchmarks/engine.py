@@ -41,7 +41,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from vlprompt_core.api import Batch, ClassSet, EvalSet, Item  # noqa: E402
+from vlprompt_core.api import ClassSet, EvalSet, Item  # noqa: E402
 from vlprompt_core.engine import Engine, forward, make_batch, make_optimizer, optimizer_groups, set_seed  # noqa: E402
 from vlprompt_core.plugins import get_registry  # noqa: E402
 from vlprompt_core.prompting import text_chunking  # noqa: E402

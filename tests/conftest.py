@@ -34,3 +34,15 @@ def registry(world, monkeypatch):
 @pytest.fixture()
 def tiny_backbone(world):
     return _tiny_backbone(world["root"])
+
+
+@pytest.fixture(scope="module")
+def toy_registry(world):
+    """A registry (not the process-wide one) with the toy methods of ``toy_methods.py``
+    and the test datasets."""
+    from toy_methods import Plugin
+    from vlprompt_core.plugins import build_registry, make_plugin_manager
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLPROMPT_DATASETS_SPEC", str(world["specs"]))
+        yield build_registry(*make_plugin_manager(extra=(("toys", Plugin()),)))

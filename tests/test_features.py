@@ -11,21 +11,18 @@ import threading
 import pytest
 import torch
 
-from toy_methods import Plugin
 from vlprompt_core.api import Batch, ClassSet, MethodOutput, PromptMethod
 from vlprompt_core.engine import Engine, ViewBatches, forward
 from vlprompt_core.errors import UserError
 from vlprompt_core.features import Features, FeatureStore, weights_hash
-from vlprompt_core.plugins import Registry, build_registry, make_plugin_manager
+from vlprompt_core.plugins import Registry
 from vlprompt_core.spec import check_spec, resolve_methods, validate_spec
 from vlprompt_core.textbook import active, textbook
 
 
 @pytest.fixture(scope="module")
-def reg(world):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VLPROMPT_DATASETS_SPEC", str(world["specs"]))
-        yield build_registry(*make_plugin_manager(extra=(("toys", Plugin()),)))
+def reg(toy_registry):
+    return toy_registry
 
 
 def counting(reg: Registry, encodes: list) -> Registry:

@@ -10,19 +10,17 @@ import math
 import pytest
 import torch
 
-from toy_methods import Plugin, ToyHooks, ToyVisualPrompt
+from toy_methods import ToyHooks, ToyVisualPrompt
 from vlprompt_core.api import Batch, ClassSet, ContractError, ParamGroup
 from vlprompt_core.engine import Engine, lr_at, optimizer_groups
 from vlprompt_core.errors import UserError
-from vlprompt_core.plugins import Registry, build_registry, make_plugin_manager
+from vlprompt_core.plugins import Registry
 from vlprompt_core.spec import check_spec, validate_spec
 
 
 @pytest.fixture(scope="module")
-def reg(world):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VLPROMPT_DATASETS_SPEC", str(world["specs"]))
-        yield build_registry(*make_plugin_manager(extra=(("toys", Plugin()),)))
+def reg(toy_registry):
+    return toy_registry
 
 
 def spying(reg: Registry, store: dict) -> Registry:
