@@ -4,13 +4,13 @@ giving what the engine gives."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import threading
 
 import pytest
 import torch
 
+from test_method_hooks import spying
 from vlprompt_core.api import Batch, ClassSet, MethodOutput, PromptMethod
 from vlprompt_core.engine import Engine, ViewBatches, forward
 from vlprompt_core.errors import UserError
@@ -25,24 +25,15 @@ def reg(toy_registry):
     return toy_registry
 
 
-def counting(reg: Registry, encodes: list) -> Registry:
-    """``reg`` whose backbone records every batch of images it encodes."""
-    entries = {kind: dict(v) for kind, v in reg.entries.items()}
-    backbone = entries["backbone"]["open_clip"]
+def counting(reg: Registry) -> tuple[Registry, dict]:
+    """``reg`` whose backbone records every batch of images it encodes (``store["encodes"]``)."""
+    store = {"encodes": [], "methods": []}
+    return spying(reg, store), store
 
-    def build_backbone(opts):
-        bb = backbone.build(opts)
-        encode = bb.encode_image
 
-        def counted(images):
-            encodes.append(len(images))
-            return encode(images)
-
-        bb.encode_image = counted
-        return bb
-
-    entries["backbone"]["open_clip"] = dataclasses.replace(backbone, build=build_backbone)
-    return Registry(entries=entries, sources=reg.sources, failures=reg.failures, pm=reg.pm)
+def encoded(store: dict) -> int:
+    """How many images the backbone encoded."""
+    return sum(len(images) for images in store["encodes"])
 
 
 def make_engine(world, reg, output, method=None, protocol=None, log=None, **train) -> Engine:
@@ -68,18 +59,18 @@ def accuracies(record) -> dict:
 
 def test_second_run_reads_test_features_from_disk_and_scores_the_same(world, reg, tmp_path):
     cache = tmp_path / "cache"
-    encodes: list = []
-    first = make_engine(world, counting(reg, encodes), tmp_path / "a", epochs=0, feature_cache=str(cache))
+    spy, store = counting(reg)
+    first = make_engine(world, spy, tmp_path / "a", epochs=0, feature_cache=str(cache))
     rec1 = first.run()
     assert first.features.events == [("features: test", "computed")]
-    n_first = sum(encodes)
+    n_first = encoded(store)
     assert n_first == 6 * 3  # the toy test split: 6 classes x 3 images
 
-    encodes.clear()
-    second = make_engine(world, counting(reg, encodes), tmp_path / "b", epochs=0, feature_cache=str(cache))
+    spy, store = counting(reg)
+    second = make_engine(world, spy, tmp_path / "b", epochs=0, feature_cache=str(cache))
     rec2 = second.run()
     assert second.features.events == [("features: test", "disk")]
-    assert encodes == []  # not one test image encoded again
+    assert encoded(store) == 0  # not one test image encoded again
     assert accuracies(rec1) == accuracies(rec2)
     files = sorted(p.name for p in cache.iterdir())
     assert len(files) == 1 and files[0].endswith(".safetensors")  # no temporary file left behind
@@ -205,9 +196,9 @@ def test_view_batches_visit_every_image_once_per_epoch_with_random_views():
 
 
 def test_views_are_extracted_once_for_every_method_of_a_seed(world, reg, tmp_path):
-    encodes: list = []
+    spy, store = counting(reg)
     methods = [{"name": "coop", "n_ctx": 4, "label": "a"}, {"name": "coop", "n_ctx": 2, "label": "b"}]
-    engine = make_engine(world, counting(reg, encodes), tmp_path / "o", method=methods, augment_views=3,
+    engine = make_engine(world, spy, tmp_path / "o", method=methods, augment_views=3,
                          epochs=3, seeds=[1, 2])
     record = engine.run()
     views = [source for kind, source in engine.features.events if kind == "train views"]
@@ -215,7 +206,7 @@ def test_views_are_extracted_once_for_every_method_of_a_seed(world, reg, tmp_pat
     assert views == ["computed", "memory", "computed", "memory"]
     n_train = 6 * 2  # 6 classes x 2 shots
     n_test = 6 * 3
-    assert sum(encodes) == 2 * 3 * n_train + n_test  # 2 seeds x 3 views; test features once for the run
+    assert encoded(store) == 2 * 3 * n_train + n_test  # 2 seeds x 3 views; test features once for the run
     for r in record["runs"]:
         assert len(r["epochs"]) == 3 and all(e["time_s"] >= 0 for e in r["epochs"])
 
@@ -269,13 +260,13 @@ def test_textbook_mode_is_scoped():
 
 def test_textbook_mode_scores_what_the_engine_scores(world, reg, tmp_path):
     methods = [{"name": "coop", "n_ctx": 4}, {"name": "zeroshot"}]
-    encodes: list = []
-    engine_run = make_engine(world, counting(reg, encodes), tmp_path / "a", method=methods).run()
-    n_engine = sum(encodes)
-    encodes.clear()
+    spy, store = counting(reg)
+    engine_run = make_engine(world, spy, tmp_path / "a", method=methods).run()
+    n_engine = encoded(store)
+    spy, store = counting(reg)
     with textbook():
-        textbook_run = make_engine(world, counting(reg, encodes), tmp_path / "b", method=methods).run()
-    n_textbook = sum(encodes)
+        textbook_run = make_engine(world, spy, tmp_path / "b", method=methods).run()
+    n_textbook = encoded(store)
     for key, acc in accuracies(engine_run).items():
         for split, value in acc.items():
             assert accuracies(textbook_run)[key][split] == pytest.approx(value, abs=1e-9)
