@@ -414,7 +414,7 @@ def section_run(args, device, out: dict) -> None:
         walls, per_pair = {}, {}
         for m in MODES:
             record, walls[m] = _run(spec, tmp, m, textbook_on=m == "textbook")
-            per_pair[m] = {f"{r['method']} seed {r['seed']}": r["time_s"] for r in record["runs"]}
+            per_pair[m] = {f"{r['method']} seed {r['seed']}": r["cost"]["time_s"] for r in record["runs"]}
             print(f"  {run_methods}, {n_classes} classes, 3 seeds, {m:8s}: {walls[m]:8.1f} s", flush=True)
     ratio = walls["textbook"] / walls["engine"]
     print(f"whole run ({section['model']}, {run_methods}): textbook {walls['textbook']:.1f} s, "

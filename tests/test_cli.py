@@ -73,7 +73,18 @@ def test_each_protocol_runs_end_to_end(protocol, world, tmp_path):
     extracted = re.findall(r"^features: (.+): done in", proc.stderr, re.M)  # once per test set, for all
     assert extracted and len(extracted) == len(set(extracted)), proc.stderr
     coop_runs = [r for r in results["runs"] if r["method"] == "coop"]
-    assert all(r["trainable_parameters"] == 2 * 32 for r in coop_runs)
+    assert all(r["cost"]["trainable_parameters"] == 2 * 32 for r in coop_runs)
+    for r in results["runs"]:  # what every pair cost, and the run table shows it
+        cost = r["cost"]
+        assert cost["memory"] == "rss" and cost["peak_memory_mb"] > 100  # torch alone holds more
+        assert cost["time_s"]["total"] == pytest.approx(sum(v for k, v in cost["time_s"].items() if k != "total"))
+        assert cost["eval_images_per_s"] > 0
+        assert (cost["train_images_per_s"] is None) == (r["method"] == "zeroshot")
+    header = next(line for line in proc.stdout.splitlines() if "method" in line)
+    assert "time / seed" in header and "memory" in header, proc.stdout
+    for label in ("zeroshot", "coop"):
+        row = next(line for line in proc.stdout.splitlines() if f" {label} " in line)
+        assert re.search(r"\d+\.\d s .* [\d,]+ MB", row), row
     assert all((tmp_path / "out" / r["checkpoint"]).is_file() for r in coop_runs)
     fewshot = json.loads((tmp_path / "out" / "fewshot" / "seed1.json").read_text())
     assert len(fewshot["train"]) == 6 * 2  # 2 shots x 6 classes, saved with the run

@@ -152,7 +152,7 @@ def test_checkpoint_holds_exactly_the_trainable_params(main_run):
         assert set(ckpt) == {"ctx"}
         assert ckpt["ctx"].dtype == torch.float32
         assert torch.equal(ckpt["ctx"], m.ctx.detach())
-        assert r["trainable_parameters"] == m.ctx.numel() == 4 * 32
+        assert r["cost"]["trainable_parameters"] == m.ctx.numel() == 4 * 32
 
 
 # ------------------------------------------------------------------ results

@@ -95,7 +95,7 @@ def test_visual_method_gets_images_and_frozen_features_of_the_same_batch(world, 
     # the prompts trained, the backbone did not; the extra loss was logged per epoch
     (r,) = store["record"]["runs"]
     assert all("loss.pull" in e and e["loss.pull"] > 0 for e in r["epochs"])
-    assert r["trainable_parameters"] == 2 * 32
+    assert r["cost"]["trainable_parameters"] == 2 * 32
     for k, v in store["backbone_before"].items():
         assert torch.equal(store["backbone"].state_dict()[k], v), k
 

@@ -103,7 +103,7 @@ def test_third_party_method_is_listed_and_runs(world, tmp_path):
     done = [e for e in seen if e["event"] == "evaluation_done"]
     assert [e["seed"] for e in done] == [1, 2]
     assert [e["accuracy"] for e in done] == [r["accuracy"] for r in results["runs"]]
-    assert all(r["trainable_parameters"] == 6 for r in results["runs"])
+    assert all(r["cost"]["trainable_parameters"] == 6 for r in results["runs"])
     assert results["versions"]["vlprompt-plugin-bias"] == "0.3.1"
     # its own options model validates its own keys
     bad = write_spec(tmp_path / "bad.yaml", world, {"name": "few_shot"}, method={"name": "bias", "scale": "x"})

@@ -96,7 +96,7 @@ def _execute(spec: Path, output: Path | None, checkpoints_from: Path | None = No
         err.print(f"interrupted: every finished epoch is saved in {where}; run the same command again to continue "
                   "from the last one", highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
-    out.print(results_table(record["summary"], engine.title()))
+    out.print(results_table(record["summary"], engine.title(), record["cost"]))
     out.print(f"results: {engine.results_path}  ({record['time_s']['total']:.1f} s)", highlight=False)
     if record["failures"]:
         for f in record["failures"]:

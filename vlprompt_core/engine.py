@@ -33,6 +33,7 @@ from safetensors.torch import load_file
 
 from . import __version__, textbook
 from .api import Batch, ContractError, EvalSet, Item, MethodOutput, ParamGroup, PromptMethod, ProtocolContext
+from .cost import PeakMemory
 from .data import ImageLoader, UnreadableImages, test_transform, train_transform
 from .errors import UserError
 from .features import Features, FeatureStore
@@ -40,7 +41,7 @@ from .lock import FolderLock
 from .plugins import Registry
 from .prompting import text_chunking
 from .recipes import ResolvedMethod
-from .results import aggregate, atomic_write_json, markdown_table, package_versions
+from .results import aggregate, aggregate_cost, atomic_write_json, markdown_table, package_versions
 from .spec import TrainSpec, resolve_methods
 from .trainstate import Position, atomic_save, load_state, save_state
 
@@ -352,9 +353,9 @@ class Engine:
             runs.sort(key=lambda r: (order.get(r["method"], len(order)), r["seed"]))
             timings["total"] = time.perf_counter() - t0
             record.update(status="failed" if record["failures"] else "complete", summary=aggregate(runs),
-                          time_s=timings, unreadable_images=self.unreadable.summary())
+                          cost=aggregate_cost(runs), time_s=timings, unreadable_images=self.unreadable.summary())
             atomic_write_json(self.results_path, record)
-            (self.output / "results.md").write_text(markdown_table(record["summary"], self.title()))
+            (self.output / "results.md").write_text(markdown_table(record["summary"], self.title(), record["cost"]))
             self.notify("vlprompt_run_end", results=record, output_dir=str(self.output))
         return record
 
@@ -405,7 +406,8 @@ class Engine:
                 atomic_write_json(self.results_path, record)
                 if result.get("checkpoint"):
                     state_path(self.output / result["checkpoint"]).unlink(missing_ok=True)  # the pair is done
-                self.notify("vlprompt_evaluation_done", method=m.label, seed=seed, results=result)
+                self.notify("vlprompt_evaluation_done", method=m.label, seed=seed, results=result,
+                            output_dir=str(self.output))
 
     def _plugin_call(self, kind: str, name: str, what: str, call: Callable[[], Any]) -> Any:
         """``call()``; an exception that is neither the user's (:class:`UserError`) nor an
@@ -473,6 +475,13 @@ class Engine:
 
     def run_one(self, m: ResolvedMethod, seed: int, backbone, plan, key: str, source=None,
                 scoring_only: bool = False) -> dict:
+        """Train (or load) and score one (method, seed) pair; its result with what it cost."""
+        with PeakMemory(self.device) as peak:
+            result = self._run_one(m, seed, backbone, plan, key, source, scoring_only)
+        result["cost"].update(peak_memory_mb=round(peak.mb, 1), memory=peak.kind)
+        return result
+
+    def _run_one(self, m: ResolvedMethod, seed: int, backbone, plan, key: str, source, scoring_only: bool) -> dict:
         settings = m.train
         entry = self.registry.get("method", m.name)
         set_seed(seed)
@@ -483,6 +492,7 @@ class Engine:
         metadata = {"method": m.name, "options": json.dumps(m.describe()["options"], sort_keys=True),
                     "key": m.key, "label": m.label, "seed": str(seed)}
         epochs_log: list[dict] = []
+        trained = 0  # images through a training step in this process
         checkpoint = None
         tt = time.perf_counter()
         if scoring_only and params:
@@ -493,22 +503,29 @@ class Engine:
         elif params and settings.epochs > 0:
             checkpoint = Path("checkpoints") / f"{_file_label(m.label)}-seed{seed}-{m.key}.safetensors"
             with text_chunking(0 if textbook.active() else settings.text_chunk):
-                epochs_log = self.fit(m.label, seed, method, plan, settings, self.output / checkpoint, metadata)
+                epochs_log, trained = self.fit(m.label, seed, method, plan, settings, self.output / checkpoint,
+                                               metadata)
         times["train"] = time.perf_counter() - tt
         te = time.perf_counter()
         with text_chunking(0 if textbook.active() else settings.text_chunk):
             accuracy = {e.name: self.evaluate(f"{m.label} seed {seed}", method, e, settings) for e in plan.evals}
         times["eval"] = time.perf_counter() - te
+        times["total"] = sum(times.values())
+        scored = sum(len(e.items) for e in plan.evals)
         result = {
             "method": m.label,
             "name": m.name,
             "key": key,
             "seed": seed,
             "accuracy": accuracy,
-            "trainable_parameters": sum(p.numel() for p in params.values()),
             "checkpoint": str(checkpoint) if checkpoint else None,
             "epochs": epochs_log,
-            "time_s": times,
+            "cost": {
+                "time_s": times,
+                "train_images_per_s": trained / times["train"] if trained else None,
+                "eval_images_per_s": scored / times["eval"] if times["eval"] > 0 else None,
+                "trainable_parameters": sum(p.numel() for p in params.values()),
+            },
         }
         if scoring_only and params:
             result["checkpoint_from"] = str(source[0])
@@ -516,8 +533,9 @@ class Engine:
 
     # ----------------------------------------------------------------- train
     def fit(self, label, seed, method: PromptMethod, plan, settings: TrainSpec, checkpoint: Path,
-            metadata: dict[str, str]) -> list[dict]:
-        """Train ``method`` on the plan's training items; one log entry per epoch."""
+            metadata: dict[str, str]) -> tuple[list[dict], int]:
+        """Train ``method`` on the plan's training items: one log entry per epoch, and
+        how many images went through a training step in this process."""
         backbone = method.backbone
         optimizer = make_optimizer(optimizer_groups(method), settings)
         tf = train_transform(backbone.image_size, backbone.image_mean, backbone.image_std, settings.crop_scale)
@@ -545,6 +563,7 @@ class Engine:
         task = self.progress.start(f"{label} seed {seed}: train", settings.epochs * len(batches))
         self.progress.advance(task, at.epoch * len(batches) + at.step)
         every = settings.checkpoint_every
+        trained = 0
         for epoch in range(at.epoch, settings.epochs):
             started = time.perf_counter()
             epoch_start = batches.generator.get_state()
@@ -567,6 +586,7 @@ class Engine:
                 loss.backward()
                 optimizer.step()
                 n = len(labels)
+                trained += n
                 total += loss.item() * n
                 count += n
                 correct += (method.predict(out).argmax(-1) == labels).sum().item()
@@ -584,9 +604,10 @@ class Engine:
             log.append(metrics)
             save_checkpoint(method, checkpoint, {**metadata, "epoch": str(epoch)})
             save_state(state, method, optimizer, batches.generator.get_state(), Position(epoch + 1), log, identity)
-            self.notify("vlprompt_epoch_end", method=label, seed=seed, epoch=epoch, metrics=metrics)
+            self.notify("vlprompt_epoch_end", method=label, seed=seed, epoch=epoch, metrics=metrics,
+                        output_dir=str(self.output))
         self.progress.stop(task)
-        return log
+        return log, trained
 
     @torch.no_grad()
     def train_views(self, backbone, items: list[Item], tf, settings: TrainSpec) -> Features:

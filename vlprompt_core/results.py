@@ -57,12 +57,59 @@ def aggregate(runs: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
     }
 
 
-def markdown_table(summary: dict[str, dict[str, dict[str, float]]], title: str) -> str:
-    """The same table as :func:`results_table`, as Markdown (``results.md``)."""
+#: Cost figures of a pair aggregated over seeds (``results.json`` ``cost``), by path in the pair's ``cost``.
+COST_FIGURES = {
+    "time_s": ("time_s", "total"),
+    "peak_memory_mb": ("peak_memory_mb",),
+    "train_images_per_s": ("train_images_per_s",),
+    "eval_images_per_s": ("eval_images_per_s",),
+    "trainable_parameters": ("trainable_parameters",),
+}
+
+
+def _cost_figure(run: dict, path: tuple[str, ...]) -> float | None:
+    value = run.get("cost")
+    for part in path:
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def aggregate_cost(runs: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
+    """``{method label: {figure: {mean, std, n}}}`` over the seeds that have the figure
+    (pairs kept from results of an older vlprompt may have none)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for label in dict.fromkeys(r["method"] for r in runs):
+        mine = [r for r in runs if r["method"] == label]
+        figures = {name: [v for r in mine if (v := _cost_figure(r, path)) is not None]
+                   for name, path in COST_FIGURES.items()}
+        out[label] = {name: mean_std(values) for name, values in figures.items() if values}
+    return out
+
+
+#: Cost columns of the run table: (header, figure in ``cost``, format of its mean).
+COST_COLUMNS = (("time / seed", "time_s", "{:.1f} s"), ("memory", "peak_memory_mb", "{:,.0f} MB"))
+
+
+def _rows(summary: dict, cost: dict | None) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """The run table's header and rows: accuracies (mean ± std over seeds) and, with
+    ``cost``, each method's mean time per (method, seed) pair and peak memory."""
     metrics = list(next(iter(summary.values())).keys()) if summary else []
-    lines = [f"# {title}", "", "| method | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    header = metrics + ([h for h, _, _ in COST_COLUMNS] if cost is not None else [])
+    rows = []
     for label, row in summary.items():
-        lines.append(f"| {label} | " + " | ".join(_cell(row[m]) for m in metrics) + " |")
+        cells = [_cell(row[m]) for m in metrics]
+        if cost is not None:
+            figures = cost.get(label, {})
+            cells += [fmt.format(figures[f]["mean"]) if f in figures else "" for _, f, fmt in COST_COLUMNS]
+        rows.append((label, cells))
+    return header, rows
+
+
+def markdown_table(summary: dict[str, dict[str, dict[str, float]]], title: str, cost: dict | None = None) -> str:
+    """The same table as :func:`results_table`, as Markdown (``results.md``)."""
+    header, rows = _rows(summary, cost)
+    lines = [f"# {title}", "", "| method | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
+    lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -70,16 +117,19 @@ def _cell(s: dict[str, float]) -> str:
     return f"{s['mean']:.2f} ± {s['std']:.2f}" if s["n"] > 1 else f"{s['mean']:.2f}"
 
 
-def results_table(summary: dict[str, dict[str, dict[str, float]]], title: str) -> Table:
-    metrics = list(next(iter(summary.values())).keys()) if summary else []
+def results_table(summary: dict[str, dict[str, dict[str, float]]], title: str, cost: dict | None = None) -> Table:
+    """Accuracy per method (and, with ``cost``, time per pair and peak memory)."""
+    header, rows = _rows(summary, cost)
     table = Table(title=title)
     table.add_column("method", style="bold")
-    for m in metrics:
-        table.add_column(m, justify="right")
-    for label, row in summary.items():
-        table.add_row(Text(label), *(_cell(row[m]) for m in metrics))  # Text: a label is never markup
+    for h in header:
+        table.add_column(h, justify="right")
+    for label, cells in rows:
+        table.add_row(Text(label), *cells)  # Text: a label is never markup
     n = max((row[m]["n"] for row in summary.values() for m in row), default=0)
     table.caption = f"accuracy (%), mean ± std over {n} seed(s)" if n > 1 else "accuracy (%)"
+    if cost is not None:
+        table.caption += "; time and peak memory per seed"
     return table
 
 
