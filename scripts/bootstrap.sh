@@ -19,5 +19,5 @@ pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
 pip install "torch==2.14.1" "torchvision==0.29.1" 2> >(grep -v "is ignored: it is neither" >&2)
 plugins=()
 for p in plugins/*/; do plugins+=(-e "$p"); done
-pip install -e kernels -e ".[test]" "${plugins[@]}" nox 2> >(grep -v "is ignored: it is neither" >&2)
+pip install -e kernels -e ".[test,ray]" "${plugins[@]}" nox 2> >(grep -v "is ignored: it is neither" >&2)
 echo "$want" > "$stamp"

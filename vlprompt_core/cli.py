@@ -61,29 +61,40 @@ def _prepare(spec: Path, output: Path | None):
     return reg, run_spec
 
 
+def _bars() -> Progress:
+    """Progress bars on stderr, removed when done."""
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    return Progress(*columns, console=err, transient=True)
+
+
+def _reporter(bars: Progress):
+    """The engine's :class:`~vlprompt_core.engine.ProgressReporter` drawing on ``bars``."""
+    from .engine import ProgressReporter
+
+    def stop(task):
+        if not err.is_terminal:  # no bars in a log file: one line per finished step instead
+            done = next(t for t in bars.tasks if t.id == task)
+            err.print(Text(f"{done.description}: done in {done.elapsed:.1f} s"), soft_wrap=True)
+        bars.remove_task(task)
+
+    return ProgressReporter(
+        start=lambda desc, total: bars.add_task(desc, total=total),
+        advance=lambda task, n=1: bars.advance(task, n),
+        stop=stop,
+    )
+
+
 def _execute(spec: Path, output: Path | None, checkpoints_from: Path | None = None):
-    from .engine import Engine, PluginError, ProgressReporter
+    from .engine import Engine, PluginError
     from .results import results_table, settings_table
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     run_spec = None
     try:
         reg, run_spec = _prepare(spec, output)
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), TimeRemainingColumn()]
-        with Progress(*columns, console=err, transient=True) as bars:
-            def stop(task):
-                if not err.is_terminal:  # no bars in a log file: one line per finished step instead
-                    done = next(t for t in bars.tasks if t.id == task)
-                    err.print(Text(f"{done.description}: done in {done.elapsed:.1f} s"), soft_wrap=True)
-                bars.remove_task(task)
-
-            reporter = ProgressReporter(
-                start=lambda desc, total: bars.add_task(desc, total=total),
-                advance=lambda task, n=1: bars.advance(task, n),
-                stop=stop,
-            )
-            engine = Engine(run_spec, reg, reporter, log=lambda m: err.print(Text(m), soft_wrap=True))
+        with _bars() as bars:
+            engine = Engine(run_spec, reg, _reporter(bars), log=lambda m: err.print(Text(m), soft_wrap=True))
             err.print(settings_table(engine.methods))
             record = engine.run(checkpoints_from=checkpoints_from)
     except UserError as exc:
@@ -148,6 +159,79 @@ def validate(spec: Path = typer.Argument(..., help="run spec (YAML)")):
         _fail(exc)
     out.print(settings_table(methods))
     out.print(Text(f"{spec}: ok"), soft_wrap=True)
+
+
+@app.command()
+def sweep(sweep_file: Path = typer.Argument(..., metavar="SWEEP", help="sweep file (YAML): a base run spec and a grid"),
+          dry_run: bool = typer.Option(False, "--dry-run", help="list the runs (each checked) and run nothing"),
+          executor: str = typer.Option("local", "--executor", help="local, or ray (needs "
+                                    "pip install 'vlprompt\\[ray]')"),
+          jobs: int = typer.Option(1, "--jobs", "-j", min=1, max=1024, help="local: runs at once, each in a process "
+                                   "of its own"),
+          address: str = typer.Option(None, "--address", help="ray: the cluster to join (default: a local Ray "
+                                      "instance for the sweep)"),
+          ray_cpus: int = typer.Option(None, "--ray-cpus", min=1, help="ray: cores of the local instance "
+                                       "(default: all)"),
+          report: bool = typer.Option(True, "--report/--no-report", help="write the sweep's report at the end")):
+    """Run every combination of a grid over a base run spec, each in its own folder.
+
+    Runs already finished with the same settings are skipped, so the same command
+    continues an interrupted sweep. Exit code 1 if a run failed (the others go on)."""
+    from .executors import make_executor
+    from .sweep import expand, load_sweep, run_sweep
+
+    try:
+        reg = _registry()
+        plan = load_sweep(sweep_file)
+        runs = expand(plan, reg, str(sweep_file))
+        runner = make_executor(executor, jobs, address, plan.resources, ray_cpus)
+    except UserError as exc:
+        _fail(exc)
+    if dry_run:
+        table = Table(title=f"{len(runs)} runs in {plan.output}", title_justify="left", box=box.SIMPLE_HEAD)
+        table.add_column("folder", no_wrap=True)
+        table.add_column("values")
+        table.add_column("state", no_wrap=True)
+        for r in runs:
+            values = ", ".join(f"{k}={json.dumps(v)}" for k, v in r.values.items())
+            table.add_row(Text(r.folder), Text(values), "done" if r.done() else "to run")
+        out.print(table)
+        return
+    counts: dict[str, int] = {}
+    try:
+        with _bars() as bars:
+            overall = bars.add_task(f"sweep ({runner.name})", total=len(runs))
+
+            def ended(run, outcome):
+                counts[outcome.status] = counts.get(outcome.status, 0) + 1
+                bars.advance(overall)
+                mark = {"complete": ("done", "green"), "skipped": ("skipped", "dim"),
+                        "failed": ("failed", "red")}.get(outcome.status, (outcome.status, "yellow"))
+                line = Text.assemble((mark[0], mark[1]), f" {run.folder}")
+                if outcome.status != "skipped":
+                    line.append(f" ({outcome.time_s:.1f} s)")
+                if outcome.error:
+                    line.append(": " + _one_line(outcome.error))
+                err.print(line, soft_wrap=True)
+
+            in_process = runner.name == "local" and jobs == 1
+            outcomes = run_sweep(plan, runs, runner, str(sweep_file), ended, _reporter(bars) if in_process else None)
+    except UserError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        err.print(f"interrupted: {plan.output / 'sweep.json'} says which runs finished; run the same command again "
+                  "to continue", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+    summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    out.print(Text(f"sweep: {len(runs)} runs ({summary}); index: {plan.output / 'sweep.json'}"), soft_wrap=True)
+    if report:
+        _sweep_report(plan.output)
+    if any(o.status == "failed" for o in outcomes.values()):
+        raise typer.Exit(1)
+
+
+def _sweep_report(folder: Path) -> None:
+    """The report of a finished sweep, in ``<folder>/report``."""
 
 
 @app.command("list")

@@ -42,7 +42,7 @@ from .plugins import Registry
 from .prompting import text_chunking
 from .recipes import ResolvedMethod
 from .results import aggregate, aggregate_cost, atomic_write_json, markdown_table, package_versions
-from .spec import TrainSpec, resolve_methods
+from .spec import TrainSpec, resolve_methods, spec_hash
 from .trainstate import Position, atomic_save, load_state, save_state
 
 
@@ -243,10 +243,6 @@ class Engine:
         self.unreadable = UnreadableImages()  # images left out under train.unreadable_images: skip
 
     # ----------------------------------------------------------------- setup
-    def spec_hash(self) -> str:
-        dumped = self.spec.model_dump(mode="json", exclude={"output"})
-        return _sha(json.dumps(dumped, sort_keys=True).encode())[:16]
-
     def load_dataset(self, section):
         key = section.model_dump_json()
         if key not in self._datasets:
@@ -324,7 +320,7 @@ class Engine:
                 "vlprompt": __version__,
                 "status": "running",
                 "spec": spec.model_dump(mode="json"),
-                "spec_hash": self.spec_hash(),
+                "spec_hash": spec_hash(self.spec),
                 "methods": {m.label: m.describe() for m in self.methods},
                 "versions": package_versions(self._plugin_distributions()),
                 "device": str(self.device),

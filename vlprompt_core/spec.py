@@ -8,6 +8,8 @@ a typo in ``method.n_ctx`` is reported with its path.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import stat
 import typing
 from pathlib import Path
@@ -301,10 +303,11 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return f"{where}invalid YAML ({what or str(exc).strip().splitlines()[0]})"
 
 
-def load_spec(path: Path, reg: Registry):
-    """Read and validate a YAML run spec; ``output`` defaults to ``runs/<file stem>``.
+def read_yaml(path: Path, empty: str) -> Any:
+    """The data of a small YAML file (a run or sweep spec); ``empty`` says what the
+    file should hold when it holds nothing.
 
-    Whatever the file holds, the outcome is the spec or a :class:`UserError`: a
+    Whatever the file holds, the outcome is its data or a :class:`UserError`: a
     folder, a binary or huge file, invalid or too deeply nested YAML, tags that
     construct Python objects (refused by ``safe_load``) and alias bombs included."""
     path = Path(path)
@@ -318,12 +321,23 @@ def load_spec(path: Path, reg: Registry):
     except (ValueError, OverflowError) as exc:  # a scalar no Python value holds: 2001-02-30, a 5,000-digit number
         raise UserError(f"{path}: invalid YAML value ({str(exc).strip() or type(exc).__name__})") from None
     if data is None:
-        raise UserError(f"{path}: the file is empty (a run spec is a mapping of sections: backbone, method, "
-                        "dataset, protocol, train, output)")
+        raise UserError(f"{path}: the file is empty ({empty})")
+    return data
+
+
+def load_spec(path: Path, reg: Registry):
+    """Read and validate a YAML run spec; ``output`` defaults to ``runs/<file stem>``."""
+    data = read_yaml(path, "a run spec is a mapping of sections: backbone, method, dataset, protocol, train, output")
     spec = validate_spec(data, reg, str(path))
     if spec.output is None:
         spec.output = Path("runs") / Path(path).stem
     return spec
+
+
+def spec_hash(spec) -> str:
+    """What a validated spec asks for, as a short hash (its output folder left out)."""
+    dumped = spec.model_dump(mode="json", exclude={"output"})
+    return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def dataset_sections(spec, reg: Registry) -> list[tuple[str, Any]]:

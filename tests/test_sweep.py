@@ -1,0 +1,144 @@
+"""Sweeps: a grid over a base spec, run by the local executor and by Ray with the
+same results; resumed, checked before running, one failing run not stopping the rest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+from test_cli import vlprompt
+
+from vlprompt_core.errors import UserError
+from vlprompt_core.sweep import SweepSpec, expand, set_path
+
+BASE = {
+    "backbone": {"name": "open_clip", "model": "vlprompt_tiny", "pretrained": "embedded"},
+    "method": {"name": "coop"},
+    "dataset": {"name": "embedded_objects"},
+    "protocol": {"name": "few_shot", "shots": 1},
+    "train": {"epochs": 2, "batch_size": 8, "seeds": [1], "crop_scale": [0.8, 1.0]},
+}
+GRID = {"method": [{"name": "coop", "n_ctx": 4}, {"name": "cocoop", "n_ctx": 4}], "protocol.shots": [1, 2]}
+FOLDERS = ["method-coop_shots-1", "method-coop_shots-2", "method-cocoop_shots-1", "method-cocoop_shots-2"]
+
+
+def write_sweep(folder: Path, output: Path, grid=GRID, **extra) -> Path:
+    (folder / "base.yaml").write_text(yaml.safe_dump(BASE))
+    sweep = {"base": "base.yaml", "grid": grid, "output": str(output), "resources": {"cpus": 1}, **extra}
+    path = folder / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return {"VLPROMPT_DATA": str(tmp_path_factory.mktemp("data"))}
+
+
+@pytest.fixture(scope="module")
+def local_and_ray(tmp_path_factory, data_root):
+    """The same 4-run sweep (2 methods x 2 shot counts, 1 seed) run locally and on a
+    local 2-CPU Ray instance."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    local = vlprompt("sweep", str(write_sweep(tmp, tmp / "local")), "--no-report", env_extra=data_root)
+    ray = vlprompt("sweep", str(write_sweep(tmp, tmp / "ray")), "--executor", "ray", "--ray-cpus", "2",
+                   "--no-report", env_extra=data_root)
+    return tmp, local, ray
+
+
+def test_local_and_ray_executors_give_identical_results(local_and_ray):
+    tmp, local, ray = local_and_ray
+    assert local.returncode == 0, local.stderr
+    assert ray.returncode == 0, ray.stderr
+    for folder in FOLDERS:
+        a = json.loads((tmp / "local" / folder / "results.json").read_text())
+        b = json.loads((tmp / "ray" / folder / "results.json").read_text())
+        assert a["status"] == b["status"] == "complete"
+        (ra,), (rb,) = a["runs"], b["runs"]
+        assert ra["accuracy"] == rb["accuracy"]
+        assert [e["loss"] for e in ra["epochs"]] == [e["loss"] for e in rb["epochs"]]
+        ta = load_file(tmp / "local" / folder / ra["checkpoint"])
+        tb = load_file(tmp / "ray" / folder / rb["checkpoint"])
+        assert ta.keys() == tb.keys() and all(ta[k].equal(tb[k]) for k in ta)  # bit-identical prompts
+    ran = json.loads((tmp / "ray" / "sweep.json").read_text())
+    assert [r["folder"] for r in ran["runs"]] == FOLDERS
+    assert all(r["outcome"]["status"] == "complete" for r in ran["runs"])
+    for folder in FOLDERS:  # progress: one line per finished run
+        assert f"done {folder} (" in local.stderr and f"done {folder} (" in ray.stderr
+
+
+def test_the_grid_values_reach_each_run(local_and_ray):
+    tmp, _, _ = local_and_ray
+    for folder in FOLDERS:
+        spec = json.loads((tmp / "local" / folder / "results.json").read_text())["spec"]
+        name, shots = folder.removeprefix("method-").split("_shots-")
+        assert [m["name"] for m in spec["method"]] == [name] and spec["method"][0]["n_ctx"] == 4
+        assert spec["protocol"]["shots"] == int(shots)
+        assert spec["train"]["batch_size"] == 8  # the rest comes from the base spec
+
+
+def test_a_finished_sweep_run_again_skips_every_run(local_and_ray, data_root):
+    tmp, _, _ = local_and_ray
+    before = {f: (tmp / "local" / f / "results.json").stat().st_mtime_ns for f in FOLDERS}
+    again = vlprompt("sweep", str(tmp / "sweep.yaml"), "--no-report", env_extra=data_root)
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.count("skipped ") == 4 and "4 skipped" in again.stdout
+    assert before == {f: (tmp / "local" / f / "results.json").stat().st_mtime_ns for f in FOLDERS}
+
+
+def test_dry_run_lists_the_runs_and_runs_nothing(tmp_path, data_root):
+    proc = vlprompt("sweep", str(write_sweep(tmp_path, tmp_path / "out")), "--dry-run", env_extra=data_root)
+    assert proc.returncode == 0, proc.stderr
+    assert all(f in proc.stdout for f in FOLDERS) and proc.stdout.count("to run") == 4
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failing_run_is_reported_and_the_others_finish(tmp_path, data_root):
+    grid = {"method.n_ctx": [2], "train.lr": [0.002, 1e30]}  # the second diverges: its loss is not finite
+    proc = vlprompt("sweep", str(write_sweep(tmp_path, tmp_path / "out", grid=grid)), "--no-report",
+                    env_extra=data_root)
+    assert proc.returncode == 1
+    index = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    status = {r["folder"]: r["outcome"]["status"] for r in index["runs"]}
+    assert status == {"n_ctx-2_lr-0.002": "complete", "n_ctx-2_lr-1e-30": "failed"} or \
+        status == {"n_ctx-2_lr-0.002": "complete", "n_ctx-2_lr-1e+30": "failed"}
+    failed = next(r for r in index["runs"] if r["outcome"]["status"] == "failed")
+    assert "loss became" in failed["outcome"]["error"]
+    assert "failed n_ctx-2_lr-1e" in proc.stderr
+
+
+@pytest.mark.parametrize("grid, message", [
+    ({"protocol.shots": [1, "many"]}, "run shots-many: protocol.shots: Input should be a valid integer"),
+    ({"method.0.n_ctx": [2]}, "grid.method.0.n_ctx: method is a single section in the base spec"),
+    ({"bogus": [1]}, "run bogus-1: bogus: unknown key"),
+    ({"protocol.shots": []}, "grid.protocol.shots: needs at least one value"),
+])
+def test_mistakes_in_a_sweep_are_one_line_each_before_anything_runs(tmp_path, data_root, grid, message):
+    proc = vlprompt("sweep", str(write_sweep(tmp_path, tmp_path / "out", grid=grid)), env_extra=data_root)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_set_path_walks_mappings_and_lists_and_makes_missing_sections():
+    data = {"method": [{"name": "coop"}, {"name": "cocoop"}], "train": {"lr": 1}}
+    set_path(data, "method.1.n_ctx", 8)
+    set_path(data, "train.lr", 0.5)
+    set_path(data, "protocol.shots", 4)
+    assert data == {"method": [{"name": "coop"}, {"name": "cocoop", "n_ctx": 8}], "train": {"lr": 0.5},
+                    "protocol": {"shots": 4}}
+    with pytest.raises(UserError, match="a list of 2; '2' is not an index"):
+        set_path(data, "method.2.n_ctx", 1)
+
+
+def test_folder_names_follow_a_template_and_stay_apart(registry, tmp_path):
+    base = dict(BASE, backbone={"name": "open_clip", "model": "vlprompt_tiny", "pretrained": None})
+    sweep = SweepSpec(spec=base, grid={"protocol.shots": [1, 2], "train.seeds": [[1], [1]]},
+                      name="{protocol.shots}shot", output=tmp_path)
+    assert [r.folder for r in expand(sweep, registry)] == ["1shot", "1shot_2", "2shot", "2shot_2"]
+    sweep.name = "{protocol.epochs}"
+    with pytest.raises(UserError, match="not an axis of the grid"):
+        expand(sweep, registry)

@@ -1,0 +1,169 @@
+"""Where the runs of a sweep go: this process, N local processes, or Ray.
+
+Every executor calls :func:`execute_run` once per run, wherever it runs it; each
+run writes its own results folder (under the sweep's output folder, which every
+worker must see: a shared file system on a cluster), exactly as ``vlprompt run``
+does. A run that fails is reported in its :class:`~vlprompt_core.sweep.Outcome`
+and the others go on.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+import os
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .sweep import Outcome, Run
+
+#: Environment variables a run depends on, handed to Ray workers (``VLPROMPT_*`` too).
+PASSED_ENV = ("HF_HUB_OFFLINE", "TRITON_INTERPRET", "HF_HOME", "TORCH_HOME", "OPEN_CLIP_CACHE")
+
+OnDone = Callable[[Run, Outcome], None]
+
+
+def execute_run(data: dict, cwd: str | None = None, threads: int | None = None, progress=None) -> dict:
+    """Run one validated spec (as plain data) to the end in this process and say how
+    it ended (an :class:`Outcome` as a dict, so that it travels between processes).
+    Only an interruption (Ctrl-C) escapes; whatever else stops the run is the outcome."""
+    import torch
+
+    from .engine import Engine, PluginError, ProgressReporter
+    from .plugins import get_registry
+    from .spec import check_spec, validate_spec
+
+    if cwd and Path(cwd).is_dir():
+        os.chdir(cwd)  # relative paths of the spec (data roots, caches) mean what they meant to the sweep
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    started = time.perf_counter()
+    output = Path(data["output"])
+    try:
+        reg = get_registry()
+        spec = validate_spec(data, reg, str(output))
+        check_spec(spec, reg, str(output))
+        output.mkdir(parents=True, exist_ok=True)
+        with open(output / "run.log", "a") as log:
+            engine = Engine(spec, reg, progress or ProgressReporter(), log=lambda m: print(m, file=log, flush=True))
+            record = engine.run()
+        status = "failed" if record["failures"] else "complete"
+        outcome = Outcome(status, failures=record["failures"],
+                          error="; ".join(f["error"] for f in record["failures"]))
+    except UserError as exc:
+        outcome = Outcome("failed", error="; ".join(exc.problems))
+    except PluginError as exc:
+        outcome = Outcome("failed", error=str(exc))
+    except Exception as exc:  # noqa: BLE001 - one run's crash is its outcome, the sweep goes on
+        output.mkdir(parents=True, exist_ok=True)
+        with open(output / "errors.log", "a") as f:
+            f.write("".join(traceback.format_exception(exc)))
+        outcome = Outcome("failed", error=f"{type(exc).__name__}: {exc} (traceback in {output / 'errors.log'})")
+    finally:
+        torch.set_num_threads(before)
+    outcome.time_s = time.perf_counter() - started
+    return outcome.__dict__
+
+
+def _outcome(raw: dict) -> Outcome:
+    return Outcome(**raw)
+
+
+class LocalExecutor:
+    """Runs on this machine: one at a time in this process (``jobs=1``, with the
+    engine's own progress bars), or ``jobs`` at a time in fresh processes."""
+
+    name = "local"
+
+    def __init__(self, jobs: int = 1, cpus: int | None = None):
+        self.jobs = jobs
+        self.cpus = cpus  # torch threads per run; default: the cores shared by the parallel runs
+
+    def run(self, runs: list[Run], on_done: OnDone, progress=None) -> None:
+        cwd = os.getcwd()
+        if self.jobs == 1:
+            for run in runs:
+                on_done(run, _outcome(execute_run(run.data, cwd, self.cpus, progress)))
+            return
+        threads = self.cpus or max(1, (os.cpu_count() or 1) // self.jobs)
+        context = multiprocessing.get_context("spawn")  # torch and fork do not mix
+        with cf.ProcessPoolExecutor(max_workers=self.jobs, mp_context=context) as pool:
+            futures = {pool.submit(execute_run, run.data, cwd, threads): run for run in runs}
+            for future in cf.as_completed(futures):
+                try:
+                    outcome = _outcome(future.result())
+                except Exception as exc:  # noqa: BLE001 - the worker process died (killed, out of memory)
+                    outcome = Outcome("failed", error=f"its process ended: {type(exc).__name__}: {exc}")
+                on_done(futures[future], outcome)
+
+
+class RayExecutor:
+    """Each run a Ray task asking for the sweep's ``resources``, on the cluster at
+    ``address`` or on a local Ray instance started for the sweep (``num_cpus``:
+    its size, default all cores) and stopped after it."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, cpus: int | None = None, gpus: float = 0,
+                 num_cpus: int | None = None):
+        self.address = address
+        self.cpus = cpus or 1
+        self.gpus = gpus
+        self.num_cpus = num_cpus
+
+    def _env(self) -> dict[str, str]:
+        return {k: v for k, v in os.environ.items() if k.startswith("VLPROMPT_") or k in PASSED_ENV}
+
+    def run(self, runs: list[Run], on_done: OnDone, progress=None) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise UserError("--executor ray needs Ray: pip install 'vlprompt[ray]'") from None
+        ours = not ray.is_initialized()
+        if ours:
+            local = {"num_cpus": self.num_cpus} if self.address is None else {}
+            ray.init(address=self.address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+                     runtime_env={"env_vars": self._env()}, **local)
+        try:
+            task = ray.remote(execute_run).options(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=0)
+            cwd = os.getcwd()
+            pending = {task.remote(run.data, cwd, self.cpus): run for run in runs}
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                for ref in done:
+                    run = pending.pop(ref)
+                    try:
+                        outcome = _outcome(ray.get(ref))
+                    except Exception as exc:  # noqa: BLE001 - the task or its worker died
+                        outcome = Outcome("failed", error=f"the Ray task failed: {_first_line(exc)}")
+                    on_done(run, outcome)
+        finally:
+            if ours:
+                ray.shutdown()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def make_executor(name: str, jobs: int = 1, address: str | None = None, resources: Any = None,
+                  ray_cpus: int | None = None) -> Any:
+    """The executor ``--executor`` names, sized by the sweep's ``resources``."""
+    cpus = getattr(resources, "cpus", None)
+    if name == "local":
+        if address is not None or ray_cpus is not None:
+            raise UserError("--address and --ray-cpus apply to --executor ray")
+        return LocalExecutor(jobs, cpus)
+    if name == "ray":
+        if jobs != 1:
+            raise UserError("--jobs applies to --executor local; Ray runs as many runs at once as the cluster holds")
+        if address is not None and ray_cpus is not None:
+            raise UserError("--ray-cpus sizes a local Ray instance; a cluster given with --address has its own size")
+        return RayExecutor(address, cpus, getattr(resources, "gpus", 0), ray_cpus)
+    raise UserError(f"--executor: unknown executor {name!r} (local or ray)")
