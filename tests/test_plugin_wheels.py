@@ -48,7 +48,7 @@ def listed(fresh) -> dict[str, str]:
                          text=True, env=fresh["env"], check=True).stdout
     data = json.loads(out)
     assert data["failed"] == []
-    return {r["name"]: r["distribution"] for r in data["registered"] if r["kind"] == "method"}
+    return {r["name"]: r["distribution"] for r in data["registered"] if r["kind"] in ("method", "logger")}
 
 
 def pip(fresh, *args):

@@ -3,11 +3,13 @@ same results; resumed, checked before running, one failing run not stopping the 
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 from safetensors.torch import load_file
 from test_cli import vlprompt
 
@@ -43,31 +45,56 @@ def local_and_ray(tmp_path_factory, data_root):
     """The same 4-run sweep (2 methods x 2 shot counts, 1 seed) run locally and on a
     local 2-CPU Ray instance."""
     tmp = tmp_path_factory.mktemp("sweep")
-    local = vlprompt("sweep", str(write_sweep(tmp, tmp / "local")), "--no-report", env_extra=data_root)
+    local = vlprompt("sweep", str(write_sweep(tmp, tmp / "local")), env_extra=data_root)  # and its report
+    jobs = vlprompt("sweep", str(write_sweep(tmp, tmp / "jobs")), "--jobs", "2", "--no-report", env_extra=data_root)
+    assert jobs.returncode == 0, jobs.stderr
     ray = vlprompt("sweep", str(write_sweep(tmp, tmp / "ray")), "--executor", "ray", "--ray-cpus", "2",
                    "--no-report", env_extra=data_root)
     return tmp, local, ray
 
 
-def test_local_and_ray_executors_give_identical_results(local_and_ray):
+@pytest.mark.parametrize("other", ["ray", "jobs"])
+def test_local_and_ray_executors_give_identical_results(local_and_ray, other):
+    """In this process, on Ray, and in two local processes at once (``--jobs 2``)."""
     tmp, local, ray = local_and_ray
     assert local.returncode == 0, local.stderr
     assert ray.returncode == 0, ray.stderr
     for folder in FOLDERS:
         a = json.loads((tmp / "local" / folder / "results.json").read_text())
-        b = json.loads((tmp / "ray" / folder / "results.json").read_text())
+        b = json.loads((tmp / other / folder / "results.json").read_text())
         assert a["status"] == b["status"] == "complete"
         (ra,), (rb,) = a["runs"], b["runs"]
         assert ra["accuracy"] == rb["accuracy"]
         assert [e["loss"] for e in ra["epochs"]] == [e["loss"] for e in rb["epochs"]]
         ta = load_file(tmp / "local" / folder / ra["checkpoint"])
-        tb = load_file(tmp / "ray" / folder / rb["checkpoint"])
+        tb = load_file(tmp / other / folder / rb["checkpoint"])
         assert ta.keys() == tb.keys() and all(ta[k].equal(tb[k]) for k in ta)  # bit-identical prompts
     ran = json.loads((tmp / "ray" / "sweep.json").read_text())
     assert [r["folder"] for r in ran["runs"]] == FOLDERS
     assert all(r["outcome"]["status"] == "complete" for r in ran["runs"])
     for folder in FOLDERS:  # progress: one line per finished run
         assert f"done {folder} (" in local.stderr and f"done {folder} (" in ray.stderr
+
+
+def test_the_sweep_report_holds_the_numbers_of_its_results_files(local_and_ray):
+    tmp, local, _ = local_and_ray
+    report = tmp / "local" / "report"
+    for shots in (1, 2):
+        with open(report / "tables" / f"few_shot-vlprompt_tiny-{shots}shots.csv") as f:
+            rows = {row["method"]: row for row in csv.DictReader(f)}
+        assert set(rows) == {"coop", "cocoop"}
+        for name in ("coop", "cocoop"):
+            record = json.loads((tmp / "local" / f"method-{name}_shots-{shots}" / "results.json").read_text())
+            (run,) = record["runs"]
+            assert float(rows[name]["embedded_objects mean"]) == pytest.approx(run["summary"]["accuracy"])
+            assert float(rows[name]["average mean"]) == pytest.approx(run["summary"]["accuracy"])  # one dataset
+            assert rows[name]["embedded_objects std"] == ""  # one seed
+            assert f"{run['summary']['accuracy']:.2f}" in local.stdout  # printed too
+    # accuracy against shots: one panel for the dataset, one for the average, 400 x 350 px each
+    with Image.open(report / "figures" / "few_shot-vlprompt_tiny.png") as png:
+        assert png.format == "PNG" and png.size == (800, 350)
+    assert (report / "figures" / "few_shot-vlprompt_tiny.svg").is_file()
+    assert (report / "report.md").is_file()
 
 
 def test_the_grid_values_reach_each_run(local_and_ray):
@@ -142,3 +169,21 @@ def test_folder_names_follow_a_template_and_stay_apart(registry, tmp_path):
     sweep.name = "{protocol.epochs}"
     with pytest.raises(UserError, match="not an axis of the grid"):
         expand(sweep, registry)
+    sweep.name = "../{protocol.shots}"
+    with pytest.raises(UserError, match="not a folder inside the sweep's output folder"):
+        expand(sweep, registry)
+    sweep.name = "{train.seeds}/{protocol.shots}shot"  # a folder per value of the first axis
+    assert [r.folder for r in expand(sweep, registry)] == ["1/1shot", "1/1shot_2", "1/2shot", "1/2shot_2"]
+
+
+def test_the_shipped_sweep_expands_into_its_30_checked_runs(tmp_path, monkeypatch):
+    from vlprompt_core.plugins import get_registry
+    from vlprompt_core.sweep import load_sweep
+
+    monkeypatch.setenv("VLPROMPT_DATA", str(tmp_path))
+    sweep = load_sweep(Path(__file__).resolve().parents[1] / "examples" / "fewshot_sweep.yaml")
+    runs = expand(sweep, get_registry(refresh=True))
+    assert len(runs) == 30 and len({r.folder for r in runs}) == 30
+    assert runs[0].folder == "embedded_objects/zeroshot-1shot"
+    assert runs[-1].folder == "embedded_objects_closeup/cocoop-16shot"
+    assert all(r.output == Path("runs/fewshot_sweep") / r.folder for r in runs)

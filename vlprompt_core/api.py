@@ -440,15 +440,48 @@ class BackboneEntry:
 
 
 @dataclass(frozen=True)
+class Published:
+    """A result the method's authors published, shown beside measured ones by
+    ``vlprompt report --paper``: ``metrics`` in %, named as the protocol summarises
+    them (few_shot: accuracy; base2novel: base, novel, H), for one dataset."""
+
+    protocol: str
+    dataset: str
+    metrics: dict[str, float]
+    shots: int | None = None
+    backbone: str = "ViT-B/16"
+    source: str = ""
+
+    @classmethod
+    def load(cls, package: str, resource: str = "published.yaml") -> tuple[Published, ...]:
+        """The published results in a data file shipped inside ``package`` (see
+        ``docs/reports.md``): ``tables``, each with ``source``, ``protocol``, ``shots``,
+        ``backbone`` and ``results: {dataset: {metric: value}}``."""
+        import importlib.resources
+
+        import yaml
+
+        data = yaml.safe_load(importlib.resources.files(package).joinpath(resource).read_text())
+        return tuple(
+            cls(table["protocol"], dataset, {m: float(v) for m, v in metrics.items()}, table.get("shots"),
+                table.get("backbone", "ViT-B/16"), table.get("source", ""))
+            for table in data["tables"]
+            for dataset, metrics in table["results"].items()
+        )
+
+
+@dataclass(frozen=True)
 class MethodEntry:
-    """A method: its options model, the module class built from them, and its
-    training recipe (:class:`~vlprompt_core.recipes.Recipe`, as the authors trained it)."""
+    """A method: its options model, the module class built from them, its training
+    recipe (:class:`~vlprompt_core.recipes.Recipe`, as the authors trained it) and the
+    results its authors published (:class:`Published`)."""
 
     name: str
     options: type[Options]
     build: Callable[[VisionLanguageBackbone, ClassSet, Any], PromptMethod]
     description: str = ""
     recipe: Recipe | None = None
+    published: tuple[Published, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -485,6 +518,21 @@ class ProtocolEntry:
     options: type[Options]
     plan: Callable[[Any, ProtocolContext], Plan]
     summarize: Callable[[Any, dict[str, float]], dict[str, float]]
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class LoggerEntry:
+    """A logger: its name and options model, nothing else.
+
+    A spec enables it with a section in ``loggers:`` (``{name: <this name>, ...options}``,
+    validated against ``options``). What it does it does through the lifecycle hooks
+    (``vlprompt_run_start`` ... ``vlprompt_run_end``): ``vlprompt_run_start`` gets the
+    resolved spec, whose ``loggers`` list says whether (and how) it is enabled for the run.
+    """
+
+    name: str
+    options: type[Options]
     description: str = ""
 
 

@@ -178,7 +178,7 @@ def sweep(sweep_file: Path = typer.Argument(..., metavar="SWEEP", help="sweep fi
     Runs already finished with the same settings are skipped, so the same command
     continues an interrupted sweep. Exit code 1 if a run failed (the others go on)."""
     from .executors import make_executor
-    from .sweep import expand, load_sweep, run_sweep
+    from .sweep import axis_names, expand, load_sweep, run_sweep, short_value
 
     try:
         reg = _registry()
@@ -189,12 +189,13 @@ def sweep(sweep_file: Path = typer.Argument(..., metavar="SWEEP", help="sweep fi
         _fail(exc)
     if dry_run:
         table = Table(title=f"{len(runs)} runs in {plan.output}", title_justify="left", box=box.SIMPLE_HEAD)
-        table.add_column("folder", no_wrap=True)
-        table.add_column("values")
+        table.add_column("folder", overflow="fold")
+        for axis in axis_names(list(plan.grid)).values():
+            table.add_column(axis, no_wrap=True)
         table.add_column("state", no_wrap=True)
         for r in runs:
-            values = ", ".join(f"{k}={json.dumps(v)}" for k, v in r.values.items())
-            table.add_row(Text(r.folder), Text(values), "done" if r.done() else "to run")
+            table.add_row(Text(r.folder), *(Text(short_value(v)) for v in r.values.values()),
+                          "done" if r.done() else "to run")
         out.print(table)
         return
     counts: dict[str, int] = {}
@@ -224,14 +225,13 @@ def sweep(sweep_file: Path = typer.Argument(..., metavar="SWEEP", help="sweep fi
         raise typer.Exit(130) from None
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
     out.print(Text(f"sweep: {len(runs)} runs ({summary}); index: {plan.output / 'sweep.json'}"), soft_wrap=True)
-    if report:
-        _sweep_report(plan.output)
+    if report and any(o.status in ("complete", "skipped") for o in outcomes.values()):
+        try:
+            _report([plan.output], plan.output / "report", ["png", "svg"])
+        except UserError as exc:
+            _fail(exc)
     if any(o.status == "failed" for o in outcomes.values()):
         raise typer.Exit(1)
-
-
-def _sweep_report(folder: Path) -> None:
-    """The report of a finished sweep, in ``<folder>/report``."""
 
 
 @app.command("list")
@@ -252,18 +252,41 @@ def list_(as_json: bool = typer.Option(False, "--json", help="machine-readable o
     if as_json:
         out.print_json(json.dumps({"registered": rows, "failed": failures}))
         return
-    table = Table(title="vlprompt plug-ins", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    table.add_column("name", no_wrap=True)
-    table.add_column("from", no_wrap=True)
-    table.add_column("description", min_width=20)
-    for kind in KINDS:
-        table.add_row(f"[bold]{kind}s[/bold]", "", "")
-        for r in (r for r in rows if r["kind"] == kind):
+    # Two columns, so that the description gets the room an 80-column terminal has: the
+    # name, and the description with where it comes from on a dim line under it. Names
+    # get at most a third of the width; a longer one (names are typed in specs: never cut)
+    # has a line of its own. Text from plug-ins is printed as is (never read as markup),
+    # on printable lines.
+    name_width = min(max((len(r["name"]) for r in rows), default=8) + 2, max(10, out.width // 3))
+
+    def grid() -> Table:
+        table = Table.grid(padding=(0, 2))
+        table.add_column(width=name_width, overflow="fold")
+        table.add_column(overflow="fold")
+        return table
+
+    parts: list = [Text("vlprompt plug-ins", style="bold"), grid()]
+    for i, kind in enumerate(KINDS):
+        if i:
+            parts[-1].add_row("", "")
+        parts[-1].add_row(Text(f"{kind}s", style="bold"), "")
+        mine = [r for r in rows if r["kind"] == kind]
+        for r in mine:
             origin = "built-in" if r["distribution"] == "vlprompt" else f"{r['distribution']} {r['version']}"
-            table.add_row(f"  {r['name']}", origin, r["description"])
-    out.print(table)
+            cell = Text(_one_line(r["description"] or ""))
+            cell.append(("\n" if r["description"] else "") + _one_line(origin), style="dim")
+            label = "  " + _one_line(r["name"])
+            if len(label) > name_width:
+                parts += [Text(label, overflow="fold"), grid()]
+                label = ""
+            parts[-1].add_row(Text(label), cell)
+        if not mine:
+            parts[-1].add_row(Text("  (none)", style="dim"), "")
+    for part in parts:
+        if not isinstance(part, Table) or part.row_count:
+            out.print(part)
     for f in reg.failures:
-        out.print(f"[red]failed:[/red] {f.entry_point} ({f.distribution}): {f.error}", highlight=False)
+        out.print(Text.assemble(("failed:", "red"), " ", _one_line(f"{f.entry_point} ({f.distribution}): {f.error}")))
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: which are found where, and what is wrong with one.")
@@ -346,6 +369,40 @@ def schema():
     except UserError as exc:
         _fail(exc)
     sys.stdout.write(json.dumps(model.model_json_schema(), indent=2) + "\n")
+
+
+@app.command()
+def report(dirs: list[Path] = typer.Argument(..., help="folders searched (recursively) for results.json files"),
+           output: Path = typer.Option(None, "--output", "-o", help="where the report goes (default: "
+                                       "<first folder>/report)"),
+           paper: bool = typer.Option(False, "--paper", help="show the published numbers that methods declare "
+                                      "beside the measured ones, with the difference"),
+           formats: str = typer.Option("png,svg", "--format", help="figure formats, comma-separated: png, svg")):
+    """Tables (Markdown, CSV, LaTeX) and figures from every results.json under DIRS:
+    one row per method, seeds pooled across folders, cost beside accuracy."""
+    from .report import parse_formats
+
+    try:
+        _report(dirs, output or dirs[0] / "report", parse_formats(formats), paper)
+    except UserError as exc:
+        _fail(exc)
+
+
+def _report(dirs: list[Path], output: Path, formats: list[str], paper: bool = False) -> None:
+    """Write the report of ``dirs`` to ``output`` and print its tables."""
+    from .report import published_numbers, rich_tables, summary_lines, write_report
+
+    def warn(line: str) -> None:
+        err.print(Text.assemble(("warning:", "yellow"), " ", _one_line(line)), soft_wrap=True)
+
+    published = published_numbers(_registry()) if paper else None
+    done = write_report(dirs, output, formats, warn, published)
+    for line in summary_lines(done.study):
+        out.print(Text(line), soft_wrap=True)
+    for table in done.tables:
+        for part in rich_tables(table, out.width):
+            out.print(part)
+    out.print(Text("written:\n" + "\n".join(f"  {path}" for path in done.written)), soft_wrap=True)
 
 
 def main() -> None:

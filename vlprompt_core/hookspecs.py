@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from .api import BackboneEntry, DatasetEntry, MethodEntry, ProtocolEntry
+    from .api import BackboneEntry, DatasetEntry, LoggerEntry, MethodEntry, ProtocolEntry
 
 hookspec = pluggy.HookspecMarker("vlprompt")
 
@@ -92,6 +92,23 @@ def vlprompt_protocols() -> list[ProtocolEntry]:
     """
 
 
+@hookspec
+def vlprompt_loggers() -> list[LoggerEntry]:
+    """Register loggers.
+
+    Called once, when the registry is built. Each
+    :class:`~vlprompt_core.api.LoggerEntry` names a logger (the ``name`` of a section
+    in a spec's ``loggers:`` list), its options model and a one-line description. A
+    logger does its work in the lifecycle hooks below; it is enabled for a run when
+    the spec's ``loggers`` (in the ``spec`` given to :func:`vlprompt_run_start`)
+    holds a section with its name, and should do nothing otherwise. A logger
+    section never changes what a run computes nor its results keys.
+
+    :return: a list of :class:`~vlprompt_core.api.LoggerEntry`. The lists of all
+        plug-ins are joined; names must be unique.
+    """
+
+
 # ---------------------------------------------------------------------------
 # Lifecycle hooks: for loggers and exporters. Called by the engine in the order
 # below, for every registered implementation, one at a time: an implementation that
@@ -114,7 +131,9 @@ def vlprompt_run_start(spec: dict[str, Any], output_dir: str) -> None:
 
 
 @hookspec
-def vlprompt_epoch_end(method: str, seed: int, epoch: int, metrics: dict[str, float]) -> None:
+def vlprompt_epoch_end(
+    method: str, seed: int, epoch: int, metrics: dict[str, float], output_dir: str
+) -> None:
     """One training epoch of a (method, seed) pair ended.
 
     Called after the epoch's last optimiser step, the method's own
@@ -126,12 +145,15 @@ def vlprompt_epoch_end(method: str, seed: int, epoch: int, metrics: dict[str, fl
     :param metrics: at least ``epoch``, ``lr``, ``loss`` (mean over the epoch's
         images), ``train_acc`` (%), ``time_s`` (the epoch's wall time) and
         ``loss.<name>`` for each extra loss term.
+    :param output_dir: the results folder of the run (as given to
+        :func:`vlprompt_run_start`): tells apart runs made one after another in one
+        process (a sweep).
     :return: nothing; return values are ignored.
     """
 
 
 @hookspec
-def vlprompt_evaluation_done(method: str, seed: int, results: dict[str, Any]) -> None:
+def vlprompt_evaluation_done(method: str, seed: int, results: dict[str, Any], output_dir: str) -> None:
     """A (method, seed) pair was trained (or loaded) and scored.
 
     Called after the pair is written to ``results.json``; pairs skipped because
@@ -141,6 +163,8 @@ def vlprompt_evaluation_done(method: str, seed: int, results: dict[str, Any]) ->
     :param seed: the seed of the pair.
     :param results: what is stored for the pair: ``accuracy`` per scored split,
         ``summary`` (the protocol's headline metrics), ``epochs``, ``time_s``...
+    :param output_dir: the results folder of the run (as given to
+        :func:`vlprompt_run_start`).
     :return: nothing; return values are ignored.
     """
 

@@ -34,6 +34,7 @@ KINDS = {
     "method": "vlprompt_methods",
     "dataset": "vlprompt_datasets",
     "protocol": "vlprompt_protocols",
+    "logger": "vlprompt_loggers",
 }
 
 

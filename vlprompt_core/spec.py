@@ -1,8 +1,9 @@
 """The run spec: one YAML file, validated by pydantic.
 
 The spec model is built from the registry: each section (backbone, method,
-dataset, protocol) is a union of the registered plug-ins' own options models,
-told apart by ``name``. So ``vlprompt schema`` covers every installed plug-in and
+dataset, protocol, and each of the optional ``loggers``) is a union of the
+registered plug-ins' own options models, told apart by ``name``. So
+``vlprompt schema`` covers every installed plug-in and
 a typo in ``method.n_ctx`` is reported with its path.
 """
 
@@ -18,6 +19,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 import torch
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic_core import PydanticCustomError
 
 from .api import DatasetRef
 from .errors import UserError
@@ -162,6 +164,44 @@ def _method_list(reg: Registry):
     return expand
 
 
+def _logger_list(reg: Registry):
+    """The type of ``loggers:``: a list of logger sections, each validated against
+    the options of the registered logger it names (a single section may stand for a
+    list of one; empty or absent: no logger). An unknown name is one error naming
+    the registered loggers, whatever their number; with none registered, only an
+    empty list is accepted."""
+    names = reg.names("logger")
+    models = _section_models(reg, "logger")
+
+    def known_name(value):
+        if isinstance(value, dict) and "name" in value and value["name"] not in names:
+            raise PydanticCustomError(
+                "union_tag_invalid", "unknown logger {tag!r} (registered: {expected_tags})",
+                {"discriminator": "'name'", "tag": str(value["name"]),
+                 "expected_tags": ", ".join(repr(n) for n in names)})
+        return value
+
+    def none_registered(value):
+        named = f"{value['name']!r} is unknown: " if isinstance(value, dict) and "name" in value else ""
+        raise PydanticCustomError(
+            "no_logger", "{named}no logger is registered (install a logger plug-in, see `vlprompt list`, "
+            "or leave loggers empty)", {"named": named})
+
+    if not models:
+        item = Annotated[dict[str, Any], BeforeValidator(none_registered)]
+    elif len(models) == 1:
+        item = Annotated[models[0], BeforeValidator(known_name)]
+    else:
+        item = Annotated[Union[tuple(models)], Field(discriminator="name"), BeforeValidator(known_name)]
+
+    def as_list(value):
+        if value is None:
+            return []
+        return [value] if isinstance(value, dict) else value
+
+    return Annotated[list[item], BeforeValidator(as_list)]
+
+
 def build_spec_model(reg: Registry) -> type[BaseModel]:
     """The pydantic model of a run spec for what ``reg`` holds."""
     backbone = _union(_section_models(reg, "backbone"), "backbone")
@@ -193,6 +233,11 @@ def build_spec_model(reg: Registry) -> type[BaseModel]:
         protocol=(protocol, ...),
         train=(TrainSpec, Field(default_factory=TrainSpec)),
         output=(Optional[Path], Field(None, description="results folder (default: runs/<spec file name>)")),
+        loggers=(
+            _logger_list(reg),
+            Field(default_factory=list, description="loggers enabled for the run, each {name: <a registered "
+                  "logger>, ...its options} (see `vlprompt list`); they never change results"),
+        ),
     )
 
 
@@ -335,8 +380,11 @@ def load_spec(path: Path, reg: Registry):
 
 
 def spec_hash(spec) -> str:
-    """What a validated spec asks for, as a short hash (its output folder left out)."""
-    dumped = spec.model_dump(mode="json", exclude={"output"})
+    """What a validated spec asks for, as a short hash: its output folder and its
+    loggers (which say where results go, not what they are) left out, so enabling a
+    logger neither sets earlier results aside nor re-runs a finished sweep run, and
+    specs hash as they did before ``loggers`` existed."""
+    dumped = spec.model_dump(mode="json", exclude={"output", "loggers"})
     return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -122,17 +122,17 @@ def set_path(data: dict, path: str, value: Any) -> None:
                 raise UserError(f"grid.{path}: {where} is empty in the base spec")
 
 
-def _short(value: Any) -> str:
+def short_value(value: Any) -> str:
     """A grid value as a few characters of a folder name."""
     if isinstance(value, dict):
         value = value.get("label") or value.get("name") or json.dumps(value, sort_keys=True)
     elif isinstance(value, (list, tuple)):
-        value = "-".join(_short(v) for v in value)
+        value = "-".join(short_value(v) for v in value)
     text = re.sub(r"[^A-Za-z0-9_.+-]+", "-", str(value)).strip("-.")
     return text[:60] or "x"
 
 
-def _axis_names(paths: list[str]) -> dict[str, str]:
+def axis_names(paths: list[str]) -> dict[str, str]:
     """Each path's last key, or the whole path where two axes end alike."""
     last = [p.rsplit(".", 1)[-1] for p in paths]
     return {p: (k if last.count(k) == 1 else p.replace(".", "-")) for p, k in zip(paths, last)}
@@ -140,11 +140,14 @@ def _axis_names(paths: list[str]) -> dict[str, str]:
 
 def _folder(template: str | None, values: dict[str, Any], names: dict[str, str]) -> str:
     if template is None:
-        return "_".join(f"{names[p]}-{_short(v)}" for p, v in values.items())
+        return "_".join(f"{names[p]}-{short_value(v)}" for p, v in values.items())
     unknown = [k for k in re.findall(r"\{([^}]*)\}", template) if k not in values]
     if unknown:
         raise UserError(f"name: {{{unknown[0]}}} is not an axis of the grid (axes: {', '.join(values)})")
-    return re.sub(r"\{([^}]*)\}", lambda m: _short(values[m.group(1)]), template)
+    folder = re.sub(r"\{([^}]*)\}", lambda m: short_value(values[m.group(1)]), template)
+    if folder.startswith("/") or any(part in ("", ".", "..") for part in folder.split("/")):
+        raise UserError(f"name: {template!r} gives {folder!r}, not a folder inside the sweep's output folder")
+    return folder
 
 
 def load_sweep(path: Path) -> SweepSpec:
@@ -172,7 +175,7 @@ def expand(sweep: SweepSpec, reg: Registry, source: str = "sweep") -> list[Run]:
     if not isinstance(base, dict):
         raise UserError(f"{sweep.base or 'spec'}: the base run spec must be a mapping of sections")
     paths = list(sweep.grid)
-    names = _axis_names(paths)
+    names = axis_names(paths)
     runs, problems, seen = [], [], {}
     for combo in itertools.product(*sweep.grid.values()):
         values = dict(zip(paths, combo))

@@ -17,7 +17,7 @@ from pydantic import Field
 from torch import nn
 
 from vlprompt_core import hookimpl
-from vlprompt_core.api import Batch, ClassSet, MethodEntry, MethodOutput, Options, PromptMethod
+from vlprompt_core.api import Batch, ClassSet, MethodEntry, MethodOutput, Options, PromptMethod, Published
 from vlprompt_core.prompting import PromptTable, PromptTemplate, init_context
 from vlprompt_core.recipes import Recipe
 from vlprompt_kernels import cosine_logits
@@ -80,4 +80,5 @@ RECIPE = Recipe(
 @hookimpl
 def vlprompt_methods() -> list[MethodEntry]:
     return [MethodEntry("cocoop", CoCoOpOptions, CoCoOp,
-                        "CoCoOp: context shifted per image by a Meta-Net of the image feature", RECIPE)]
+                        "CoCoOp: context shifted per image by a Meta-Net of the image feature", RECIPE,
+                        published=Published.load(__name__))]

@@ -14,7 +14,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from vlprompt_core import hookimpl
-from vlprompt_core.api import Batch, ClassSet, MethodEntry, MethodOutput, Options, PromptMethod
+from vlprompt_core.api import Batch, ClassSet, MethodEntry, MethodOutput, Options, PromptMethod, Published
 from vlprompt_core.errors import UserError
 from vlprompt_core.prompting import PromptTable, PromptTemplate, init_context
 from vlprompt_core.recipes import Recipe, RecipeRule
@@ -87,4 +87,5 @@ RECIPE = Recipe(
 
 @hookimpl
 def vlprompt_methods() -> list[MethodEntry]:
-    return [MethodEntry("coop", CoOpOptions, CoOp, "CoOp: learned context vectors in the text prompt", RECIPE)]
+    return [MethodEntry("coop", CoOpOptions, CoOp, "CoOp: learned context vectors in the text prompt", RECIPE,
+                        published=Published.load(__name__))]
