@@ -25,7 +25,7 @@ from rich.text import Text
 from .api import Published
 from .builtin.protocols import harmonic_mean
 from .errors import UserError
-from .results import COST_FIGURES, mean_std
+from .results import COST_FIGURES, cost_figure, mean_std
 
 FORMATS = ("png", "svg")
 PANEL_IN = (4.0, 3.5)  # one figure panel, inches
@@ -275,14 +275,7 @@ COST_COLUMNS = (("time / pair (s)", "time_s", "{:.1f}"), ("peak memory (MB)", "p
 
 
 def _cost_values(pairs: list[Pair], path: tuple[str, ...]) -> list[float]:
-    values = []
-    for p in pairs:
-        value = p.cost
-        for part in path:
-            value = value.get(part) if isinstance(value, dict) else None
-        if value is not None:
-            values.append(float(value))
-    return values
+    return [float(v) for p in pairs if (v := cost_figure(p.cost, path)) is not None]
 
 
 def cost_table(accuracy: Table, block: Block) -> Table:

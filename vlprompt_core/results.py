@@ -67,8 +67,9 @@ COST_FIGURES = {
 }
 
 
-def _cost_figure(run: dict, path: tuple[str, ...]) -> float | None:
-    value = run.get("cost")
+def cost_figure(cost: dict | None, path: tuple[str, ...]) -> float | None:
+    """The figure at ``path`` (see :data:`COST_FIGURES`) in a pair's ``cost``, or None."""
+    value = cost
     for part in path:
         value = value.get(part) if isinstance(value, dict) else None
     return value
@@ -80,7 +81,7 @@ def aggregate_cost(runs: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
     out: dict[str, dict[str, dict[str, float]]] = {}
     for label in dict.fromkeys(r["method"] for r in runs):
         mine = [r for r in runs if r["method"] == label]
-        figures = {name: [v for r in mine if (v := _cost_figure(r, path)) is not None]
+        figures = {name: [v for r in mine if (v := cost_figure(r.get("cost"), path)) is not None]
                    for name, path in COST_FIGURES.items()}
         out[label] = {name: mean_std(values) for name, values in figures.items() if values}
     return out
