@@ -60,6 +60,17 @@ def state_path(checkpoint: Path) -> Path:
     return checkpoint.with_name(checkpoint.name.removesuffix(".safetensors") + ".state.safetensors")
 
 
+def log_traceback(output: Path, what: str, exc: BaseException) -> Path:
+    """Append ``exc``'s traceback, headed by the time and ``what`` failed, to
+    ``<output>/errors.log``; return that path (error lines point to it)."""
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / "errors.log"
+    with open(path, "a") as f:
+        f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {what}\n")
+        f.write("".join(traceback.format_exception(exc)))
+    return path
+
+
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -416,12 +427,9 @@ class Engine:
         except Exception as exc:
             source = self.registry.sources.get((kind, name))
             origin = f"plug-in {source.plugin} ({source.distribution} {source.version})" if source else "its plug-in"
-            self.output.mkdir(parents=True, exist_ok=True)
-            with open(self.output / "errors.log", "a") as f:
-                f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {kind} {name!r}, {what}\n")
-                f.write("".join(traceback.format_exception(exc)))
+            log = log_traceback(self.output, f"{kind} {name!r}, {what}", exc)
             raise PluginError(f"{what}: {kind} {name!r} from {origin} raised {type(exc).__name__}: {exc} "
-                             f"(traceback in {self.output / 'errors.log'})") from exc
+                             f"(traceback in {log})") from exc
 
     def notify(self, hook: str, **kwargs) -> None:
         """Call every implementation of a lifecycle ``hook``; one that raises is reported

@@ -13,7 +13,6 @@ import concurrent.futures as cf
 import multiprocessing
 import os
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ def execute_run(data: dict, cwd: str | None = None, threads: int | None = None, 
     Only an interruption (Ctrl-C) escapes; whatever else stops the run is the outcome."""
     import torch
 
-    from .engine import Engine, PluginError, ProgressReporter
+    from .engine import Engine, PluginError, ProgressReporter, log_traceback
     from .plugins import get_registry
     from .spec import check_spec, validate_spec
 
@@ -60,18 +59,12 @@ def execute_run(data: dict, cwd: str | None = None, threads: int | None = None, 
     except PluginError as exc:
         outcome = Outcome("failed", error=str(exc))
     except Exception as exc:  # noqa: BLE001 - one run's crash is its outcome, the sweep goes on
-        output.mkdir(parents=True, exist_ok=True)
-        with open(output / "errors.log", "a") as f:
-            f.write("".join(traceback.format_exception(exc)))
-        outcome = Outcome("failed", error=f"{type(exc).__name__}: {exc} (traceback in {output / 'errors.log'})")
+        log = log_traceback(output, "the run", exc)
+        outcome = Outcome("failed", error=f"{type(exc).__name__}: {exc} (traceback in {log})")
     finally:
         torch.set_num_threads(before)
     outcome.time_s = time.perf_counter() - started
     return outcome.__dict__
-
-
-def _outcome(raw: dict) -> Outcome:
-    return Outcome(**raw)
 
 
 class LocalExecutor:
@@ -88,7 +81,7 @@ class LocalExecutor:
         cwd = os.getcwd()
         if self.jobs == 1:
             for run in runs:
-                on_done(run, _outcome(execute_run(run.data, cwd, self.cpus, progress)))
+                on_done(run, Outcome(**execute_run(run.data, cwd, self.cpus, progress)))
             return
         threads = self.cpus or max(1, (os.cpu_count() or 1) // self.jobs)
         context = multiprocessing.get_context("spawn")  # torch and fork do not mix
@@ -96,7 +89,7 @@ class LocalExecutor:
             futures = {pool.submit(execute_run, run.data, cwd, threads): run for run in runs}
             for future in cf.as_completed(futures):
                 try:
-                    outcome = _outcome(future.result())
+                    outcome = Outcome(**future.result())
                 except Exception as exc:  # noqa: BLE001 - the worker process died (killed, out of memory)
                     outcome = Outcome("failed", error=f"its process ended: {type(exc).__name__}: {exc}")
                 on_done(futures[future], outcome)
@@ -138,7 +131,7 @@ class RayExecutor:
                 for ref in done:
                     run = pending.pop(ref)
                     try:
-                        outcome = _outcome(ray.get(ref))
+                        outcome = Outcome(**ray.get(ref))
                     except Exception as exc:  # noqa: BLE001 - the task or its worker died
                         outcome = Outcome("failed", error=f"the Ray task failed: {_first_line(exc)}")
                     on_done(run, outcome)

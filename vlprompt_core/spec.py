@@ -260,7 +260,8 @@ def _loc(error: dict, raw: Any) -> str:
     return "".join(parts) or "(top level)"
 
 
-def _message(error: dict) -> str:
+def error_message(error: dict) -> str:
+    """One pydantic error as the words after its path (``unknown key``, ``unknown name ...``)."""
     if error["type"] == "extra_forbidden":
         return "unknown key"
     if error["type"] == "union_tag_invalid":
@@ -308,7 +309,7 @@ def validate_spec(data: Any, reg: Registry, source: str = "spec"):
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise UserError(*[f"{source}: {_loc(e, data)}: {_message(e)}" for e in exc.errors()]) from None
+        raise UserError(*[f"{source}: {_loc(e, data)}: {error_message(e)}" for e in exc.errors()]) from None
     except OSError as exc:  # a validator looked at a path the system refuses (name too long, ...)
         raise UserError(f"{source}: {_os_problem(exc)}") from None
 

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .errors import UserError
 from .plugins import Registry
 from .results import atomic_write_json
-from .spec import check_spec, read_yaml, spec_hash, validate_spec
+from .spec import check_spec, error_message, read_yaml, spec_hash, validate_spec
 
 
 class Resources(BaseModel):
@@ -158,8 +158,7 @@ def load_sweep(path: Path) -> SweepSpec:
     try:
         sweep = SweepSpec.model_validate(data)
     except ValidationError as exc:
-        raise UserError(*[f"{path}: {'.'.join(map(str, e['loc'])) or '(top level)'}: "
-                          f"{'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}"
+        raise UserError(*[f"{path}: {'.'.join(map(str, e['loc'])) or '(top level)'}: {error_message(e)}"
                           for e in exc.errors()]) from None
     if sweep.base is not None and not sweep.base.is_absolute():
         sweep.base = Path(path).parent / sweep.base
