@@ -39,5 +39,18 @@ def test_engine_benchmark_smoke_mode(tmp_path):
     for k, row in record["views"].items():
         assert set(row["summary"]) == {"coop", "cocoop"} and all(t > 0 for t in row["epoch_s"].values())
     assert record["cocoop"]["ratio"] > 0
-    assert set(record["run"]["wall_s"]) == {"textbook", "engine"}
+    run = record["run"]
+    assert set(run["wall_s"]) == {"textbook", "engine"}
+    # smoke mode estimates BPL's textbook pairs: not run in textbook mode, run whole by the engine
+    assert not any(key.startswith("bpl ") for key in run["pairs"]["textbook"])
+    assert {key for key in run["pairs"]["engine"] if key.startswith("bpl ")} == {"bpl seed 1", "bpl seed 2",
+                                                                                  "bpl seed 3"}
+    estimate = run["estimated"]["bpl"]
+    for mode in ("textbook", "engine"):
+        row = estimate[mode]
+        assert row["batch_size"] == 1 and row["steps"] == 5  # 5 base classes x 1 shot at BPL's batch 1
+        assert row["pair_s"] == pytest.approx(row["steps"] * row["step_s"] + row["eval_s"])
+    assert estimate["textbook_total_s"] == pytest.approx(3 * estimate["textbook"]["pair_s"])
+    assert run["textbook_total_s"] == pytest.approx(run["wall_s"]["textbook"] + estimate["textbook_total_s"])
+    assert run["ratio"] == pytest.approx(run["textbook_total_s"] / run["wall_s"]["engine"])
     assert "textbook/engine" in result.stdout and "[run]" in result.stdout
