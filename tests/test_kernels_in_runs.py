@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from vlprompt_core.engine import Engine
-from vlprompt_core.errors import UserError
 from vlprompt_core.spec import validate_spec
 
 ROOT = Path(__file__).resolve().parents[1]

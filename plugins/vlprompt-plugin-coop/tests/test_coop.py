@@ -11,7 +11,6 @@ from pydantic import ValidationError
 
 from vlprompt_core.api import Batch, ClassSet
 from vlprompt_core.errors import UserError
-from vlprompt_core.prompting import PromptTemplate
 from vlprompt_core.testing import Case, MethodContract, write_split_dataset, write_tiny_config
 from vlprompt_plugin_coop import CoOp, CoOpOptions
 
