@@ -395,11 +395,12 @@ def section_cocoop(args, device, out: dict) -> None:
 
 
 def section_run(args, device, out: dict) -> None:
-    """A whole base-to-novel run, 3 seeds, every method at its recipe's batch size: wall
-    time in textbook mode and in the engine. ``--run-model`` and ``--run-methods`` (``all``
-    or a comma-separated list) choose what runs. The textbook pairs of the methods in
-    ``--run-estimate`` are not run but estimated (:func:`_estimate_pair`): the engine still
-    runs them whole, and its measured training time checks the estimate."""
+    """A whole base-to-novel run (3 seeds unless ``--run-seeds``), every method at its
+    recipe's batch size: wall time in textbook mode and in the engine. ``--run-model`` and
+    ``--run-methods`` (``all`` or a comma-separated list) choose what runs. The textbook
+    pairs of the methods in ``--run-estimate`` are not run but estimated
+    (:func:`_estimate_pair`): the engine still runs them whole, and its measured training
+    time checks the estimate."""
     section = TINY if args.smoke or args.run_model == "tiny" else VIT_B16
     n_classes = 10 if args.smoke else args.run_classes
     run_methods = "all" if args.smoke else args.run_methods
@@ -412,7 +413,7 @@ def section_run(args, device, out: dict) -> None:
             "backbone": section, "method": "all",
             "dataset": {"name": "folder", "path": f"{tmp}/data"},
             "protocol": {"name": "base2novel", "shots": 1},
-            "train": {"epochs": 1, "seeds": [1, 2, 3]},
+            "train": {"epochs": 1, "seeds": list(range(1, args.run_seeds + 1))},
         }
         resolved = Engine(validate_spec({**spec, "output": f"{tmp}/resolve"}, get_registry()), get_registry()).methods
         every = [m.name for m in resolved] if run_methods == "all" else run_methods.split(",")
@@ -425,7 +426,8 @@ def section_run(args, device, out: dict) -> None:
             record, walls[m] = _run({**spec, "method": [{"name": name} for name in run]}, tmp, m,
                                     textbook_on=m == "textbook")
             per_pair[m] = {f"{r['method']} seed {r['seed']}": r["cost"]["time_s"] for r in record["runs"]}
-            print(f"  {','.join(run)}, {n_classes} classes, 3 seeds, {m:8s}: {walls[m]:8.1f} s", flush=True)
+            print(f"  {','.join(run)}, {n_classes} classes, {args.run_seeds} seeds, {m:8s}: {walls[m]:8.1f} s",
+                  flush=True)
         estimates = {}
         if estimated:
             backbone = build_backbone(section, device)
@@ -437,11 +439,12 @@ def section_run(args, device, out: dict) -> None:
                 }
                 measured = [t["train"] for key, t in per_pair["engine"].items() if key.startswith(f"{method.name} ")]
                 row["engine_measured_train_s"] = sum(measured) / len(measured)
-                row["textbook_total_s"] = 3 * row["textbook"]["pair_s"]
+                row["textbook_total_s"] = args.run_seeds * row["textbook"]["pair_s"]
                 print(f"  {method.name} textbook, estimated: {row['textbook']['step_s']:.2f} s a step x "
                       f"{row['textbook']['steps']} steps + eval {row['textbook']['eval_s']:.1f} s = "
-                      f"{row['textbook']['pair_s']:.1f} s a seed, {row['textbook_total_s']:.1f} s for 3; the same "
-                      f"estimate of the engine's training {row['engine']['train_s']:.1f} s a seed against "
+                      f"{row['textbook']['pair_s']:.1f} s a seed, {row['textbook_total_s']:.1f} s for "
+                      f"{args.run_seeds} seeds; the same estimate of the engine's training "
+                      f"{row['engine']['train_s']:.1f} s a seed against "
                       f"{row['engine_measured_train_s']:.1f} s measured", flush=True)
     textbook_total = walls["textbook"] + sum(r["textbook_total_s"] for r in estimates.values())
     ratio = textbook_total / walls["engine"]
@@ -517,11 +520,13 @@ def main(argv=None) -> dict:
     p.add_argument("--run-classes", type=int, default=100)
     p.add_argument("--run-model", choices=["tiny", "vitb16"], default="vitb16")
     p.add_argument("--run-methods", default="zeroshot,coop,cocoop",
-                   help="'all' or a comma-separated list of methods (textbook BPL at ViT-B/16 size takes hours on a CPU)")
+                   help="'all' or a comma-separated list of methods (textbook BPL at ViT-B/16 size takes hours "
+                        "on a CPU: see --run-estimate)")
     p.add_argument("--run-estimate", default="",
                    help="methods whose textbook pairs are estimated from timed steps instead of run whole "
                         "(e.g. bpl: its textbook step takes over a minute at ViT-B/16 size on a CPU)")
     p.add_argument("--run-estimate-steps", type=int, default=3, help="training steps timed per estimate")
+    p.add_argument("--run-seeds", type=int, default=3, help="seeds of the whole run")
     p.add_argument("--run-test-per-class", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", type=Path, help="write the figures here")
