@@ -420,6 +420,8 @@ def section_run(args, device, out: dict) -> None:
         unknown = sorted(set(every + estimated) - {m.name for m in resolved})
         if unknown:
             raise SystemExit(f"--run-methods/--run-estimate: unknown method(s) {', '.join(unknown)}")
+        if not set(estimated) <= set(every) or set(every) <= set(estimated):
+            raise SystemExit("--run-estimate: name methods that --run-methods runs; leave one to run whole")
         walls, per_pair = {}, {}
         for m in MODES:
             run = [name for name in every if m == "engine" or name not in estimated]
