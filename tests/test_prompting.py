@@ -145,3 +145,104 @@ def test_templates_for_choices():
     assert templates_for("dataset", classes) == ["a photo of a {}, a type of pet."]
     assert templates_for("ensemble", classes) == ["a photo of a {}, a type of pet.", *ENSEMBLE_TEMPLATES]
     assert templates_for(["{} texture."], classes) == ["{} texture."]
+
+
+# ------------------------------------------------- class names ending in punctuation
+
+#: The ImageNet class names (CLIP's clean names, as in datasets_spec/imagenet.yaml) that end in
+#: punctuation; the last is ImageNet-A's one. CLIP's BPE merges a run of punctuation, so in the
+#: whole prompt "... kite (bird of prey)." the name ends in one ")." token.
+PUNCTUATED = [
+    "kite (bird of prey)",
+    "Mexican hairless dog (xoloitzcuintli)",
+    "ram (adult male sheep)",
+    "impala (antelope)",
+    "military hat (bearskin or shako)",
+    "cherimoya (custard apple)",
+]
+#: Names with punctuation that does not end them (no merge with the ".").
+INNER_PUNCTUATION = ["St. Bernard", "potter's wheel", "baluster / handrail", "apple pie"]
+
+
+def test_punctuated_names_merge_with_the_period(bb):
+    """The premise: tokenised with the '.', these names end in a different token."""
+    for name in PUNCTUATED:
+        alone, joined = bb.tokenize_words(name), bb.tokenize_words(name + ".")
+        assert len(joined) == len(alone) and joined[:-1] == alone[:-1] and joined[-1] != alone[-1], name
+
+
+@pytest.mark.parametrize(
+    "template, text",
+    [
+        (PromptTemplate.with_context(4), "X X X X {}."),  # CoOp, CoCoOp, PRE, BPL
+        (PromptTemplate(Context(0, 2), "of a", "{}", "."), "X X of a {}."),  # MaPLe-style (PMPO)
+        (PromptTemplate("a photo of a", "{}", "."), "a photo of a {}."),  # no context
+    ],
+)
+def test_layout_ids_equal_the_tokenised_whole_prompt(bb, template, text):
+    """With the name before the '.', the ids are those of tokenising the whole prompt
+    string, as the reference code (and CLIP's zero-shot) do."""
+    for name in PUNCTUATED + INNER_PUNCTUATION:
+        ids, slots = template.layout(bb, name)
+        full = bb.tokenize([text.format(name)])[0]
+        assert ids == full[: len(ids)].tolist(), name
+        assert (full[len(ids):] == 0).all(), name
+        x = bb.tokenize_words("X")[0]
+        assert [i for i, s in zip(ids, slots) if s >= 0] == [x] * template.n_ctx
+
+
+def _reference_layout(bb, name: str, n_ctx: int, position: str) -> tuple[list[int], list[int]]:
+    """What the reference ``PromptLearner`` (CoOp, PRE) builds: it tokenises the whole
+    ``end`` prompt ``"X X X X " + name + "."`` and, for ``middle``/``front``, cuts the
+    class tokens out of what follows the context by the token count of the name alone."""
+    x = bb.tokenize_words("X")[0]
+    after = bb.tokenize_words(" ".join(["X"] * n_ctx) + " " + name + ".")[n_ctx:]
+    k = len(bb.tokenize_words(name))
+    cls, rest = after[:k], after[k:]
+    if position == "end":
+        ids, slots = [x] * n_ctx + after, list(range(n_ctx)) + [-1] * len(after)
+    elif position == "front":
+        ids, slots = cls + [x] * n_ctx + rest, [-1] * k + list(range(n_ctx)) + [-1] * len(rest)
+    else:
+        h = n_ctx // 2
+        ids = [x] * h + cls + [x] * (n_ctx - h) + rest
+        slots = list(range(h)) + [-1] * k + list(range(h, n_ctx)) + [-1] * len(rest)
+    return [bb.sot_id, *ids, bb.eot_id], [-1, *slots, -1]
+
+
+@pytest.mark.parametrize("position, n_ctx", [("end", 4), ("middle", 4), ("middle", 5), ("front", 3)])
+def test_layout_equals_the_reference_prompt_learner(bb, position, n_ctx):
+    template = PromptTemplate.with_context(n_ctx, position)
+    for name in PUNCTUATED + INNER_PUNCTUATION:
+        assert template.layout(bb, name) == _reference_layout(bb, name, n_ctx, position), name
+
+
+def test_middle_and_front_keep_the_merged_token_with_the_name(bb):
+    """The reference's middle/front prompts for such a name, literally: the merged ').'
+    stays with the name, before the context after it, and no '.' is left before the end
+    token (for other names the '.' comes after the context)."""
+    x, dot = bb.tokenize_words("X")[0], bb.tokenize_words(".")
+    merged = bb.tokenize_words("kite (bird of prey).")
+    assert len(dot) == 1 and merged[-1] != dot[0]
+    ids, slots = PromptTemplate.with_context(4, "middle").layout(bb, "kite (bird of prey)")
+    assert ids == [bb.sot_id, x, x, *merged, x, x, bb.eot_id]
+    assert slots == [-1, 0, 1] + [-1] * len(merged) + [2, 3, -1]
+    ids, _ = PromptTemplate.with_context(2, "front").layout(bb, "kite (bird of prey)")
+    assert ids == [bb.sot_id, *merged, x, x, bb.eot_id]
+    ids, _ = PromptTemplate.with_context(2, "front").layout(bb, "St. Bernard")
+    assert ids == [bb.sot_id, *bb.tokenize_words("St. Bernard"), x, x, *dot, bb.eot_id]
+
+
+def test_context_from_words_equals_zero_shot_prompt_for_punctuated_names(bb):
+    """CoOp with ctx_init 'a photo of a' builds zero-shot's 'a photo of a {}.' prompt:
+    the same token sequence and the same features."""
+    names = PUNCTUATED + ["apple pie"]
+    table = PromptTable(bb, names, PromptTemplate.with_context(4))
+    words = torch.tensor(bb.tokenize_words("a photo of a"))
+    ids = torch.where(table.slots >= 0, words[table.slots.clamp(min=0)], table.token_ids)
+    zero_shot = bb.tokenize([f"a photo of a {n}." for n in names])
+    assert torch.equal(ids, zero_shot[:, : ids.shape[1]])
+    ctx = init_context(bb, 4, "a photo of a")
+    with torch.no_grad():
+        ours = F.normalize(table.encode(bb, ctx), dim=-1)
+    assert torch.allclose(ours, class_text_features(bb, names, ["a photo of a {}."]), atol=1e-5)

@@ -213,17 +213,36 @@ class PromptTemplate:
 
     def layout(self, backbone: VisionLanguageBackbone, name: str) -> tuple[list[int], list[int]]:
         """Token ids and slots (``j`` for context vector j, -1 otherwise) of the prompt
-        for one class name, start and end tokens included."""
+        for one class name, start and end tokens included.
+
+        The ids are those of tokenising the whole prompt, as the reference code does
+        (``"X X X X " + name + "."``): words apart from the name are tokenised apart, but
+        the name is tokenised together with the fixed words that follow it (``"{}", "."``
+        is ``"{}."``), since CLIP's BPE merges a run of punctuation: "kite (bird of prey)."
+        ends in one ``")."`` token. The first ``len(tokenize_words(name))`` of those tokens
+        go where the name is, the rest where the words are. With context between the two
+        (CoOp's ``middle`` and ``front``) this is what the reference computes: it cuts the
+        name out of the ``end`` prompt's tokens by the name's own token count, so the
+        merged ``")."`` stays with the name and no ``"."`` is left before the end token.
+        """
+        at = self.pieces.index(CLASS_NAME)
+        words = {i: backbone.tokenize_words(name if i == at else p) for i, p in enumerate(self.pieces)
+                 if isinstance(p, str)}
+        after = next((i for i in range(at + 1, len(self.pieces)) if i in words), None)
+        if after is not None:
+            text = self.pieces[after]  # joined to the name as in "{}.", with a space before a word
+            joined = backbone.tokenize_words(name + (" " if text[:1].isalnum() else "") + text)
+            words[at], words[after] = joined[: len(words[at])], joined[len(words[at]) :]
+
         placeholder = backbone.tokenize_words("X")[0]  # what the context slots hold
         ids, slots = [backbone.sot_id], [-1]
-        for piece in self.pieces:
+        for i, piece in enumerate(self.pieces):
             if isinstance(piece, Context):
                 ids += [placeholder] * (piece.stop - piece.start)
                 slots += list(range(piece.start, piece.stop))
             else:
-                words = backbone.tokenize_words(name if piece == CLASS_NAME else piece)
-                ids += words
-                slots += [-1] * len(words)
+                ids += words[i]
+                slots += [-1] * len(words[i])
         return ids + [backbone.eot_id], slots + [-1]
 
     def __repr__(self) -> str:
