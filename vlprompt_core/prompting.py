@@ -215,21 +215,22 @@ class PromptTemplate:
         """Token ids and slots (``j`` for context vector j, -1 otherwise) of the prompt
         for one class name, start and end tokens included.
 
-        The ids are those of tokenising the whole prompt, as the reference code does
-        (``"X X X X " + name + "."``): words apart from the name are tokenised apart, but
-        the name is tokenised together with the fixed words that follow it (``"{}", "."``
-        is ``"{}."``), since CLIP's BPE merges a run of punctuation: "kite (bird of prey)."
-        ends in one ``")."`` token. The first ``len(tokenize_words(name))`` of those tokens
-        go where the name is, the rest where the words are. With context between the two
-        (CoOp's ``middle`` and ``front``) this is what the reference computes: it cuts the
-        name out of the ``end`` prompt's tokens by the name's own token count, so the
-        merged ``")."`` stays with the name and no ``"."`` is left before the end token.
+        The ids are those of tokenising the prompt as one string, as the reference code
+        does (``"X X X X " + name + "."``): fixed words are tokenised apart, but the name is
+        tokenised together with the words right after it (``"{}", "."`` is ``"{}."``), since
+        CLIP's BPE merges a run of punctuation: "kite (bird of prey)." ends in one ``")."``
+        token. The first ``len(tokenize_words(name))`` of those tokens go where the name
+        is, the rest where the words are. With context vectors right after the name
+        (CoOp's ``middle`` and ``front``) the name is tokenised alone and the ``"."`` keeps
+        its place before the end token. (The reference cuts the name out of the ``end``
+        prompt's tokens there, so for such names it moves the merged ``")."`` before the
+        context and ends the prompt without a ``"."``; see the CoOp plug-in's README.)
         """
         at = self.pieces.index(CLASS_NAME)
         words = {i: backbone.tokenize_words(name if i == at else p) for i, p in enumerate(self.pieces)
                  if isinstance(p, str)}
-        after = next((i for i in range(at + 1, len(self.pieces)) if i in words), None)
-        if after is not None:
+        after = at + 1  # the piece right after the name, when it is words
+        if after in words:
             text = self.pieces[after]  # joined to the name as in "{}.", with a space before a word
             joined = backbone.tokenize_words(name + (" " if text[:1].isalnum() else "") + text)
             words[at], words[after] = joined[: len(words[at])], joined[len(words[at]) :]
