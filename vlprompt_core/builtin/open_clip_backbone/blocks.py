@@ -1,0 +1,105 @@
+"""The transformer blocks of the ``open_clip`` backbone run by hand:
+:func:`_run_blocks` runs a tower's blocks with a prompt method's ``block_hook``
+before each (checked against its contract), and the shared-prefix text pass
+(:func:`_shares_prefixes` tells whether a text tower allows it; :func:`_prefix_block`
+and :func:`_suffix_block` redo one ``ResidualAttentionBlock`` so that a prompt
+prefix's keys and values are computed once and read by every class's suffix).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...api import ContractError
+
+
+def _run_blocks(transformer, x, mask, block_hook, tower: str, keep_length: bool):
+    """The blocks of one tower, with ``block_hook`` before each, checked against its contract."""
+    batch_first = getattr(transformer, "batch_first", True)
+    for i, block in enumerate(transformer.resblocks):
+        if block_hook is not None:
+            before = x.shape
+            x = block_hook(i, x)
+            if not isinstance(x, torch.Tensor) or x.dim() != 3:
+                raise ContractError(f"{tower} block_hook before block {i} must return a [N, L, W] tensor")
+            if keep_length and x.shape != before:
+                raise ContractError(
+                    f"{tower} block_hook before block {i} changed the tokens from {list(before)} to {list(x.shape)}; "
+                    "text prompts must replace token states, not insert or remove tokens (pooling reads the "
+                    "positions from the token ids)"
+                )
+            if x.shape[0] != before[0] or x.shape[2] != before[2]:
+                raise ContractError(
+                    f"{tower} block_hook before block {i} changed the batch size or width from {list(before)} "
+                    f"to {list(x.shape)}; only the number of tokens may change"
+                )
+        if not batch_first:
+            x = x.transpose(0, 1)
+        x = block(x, attn_mask=mask)
+        if not batch_first:
+            x = x.transpose(0, 1)
+    return x
+
+
+def _shares_prefixes(text, pool_type: str) -> bool:
+    """Whether a text tower allows :meth:`OpenClipBackbone.encode_text_prefix`: a causal
+    mask, pooling at a token (``argmax``/``eos``: the end token, after any shared
+    prefix), and blocks that are open_clip's plain ``ResidualAttentionBlock`` (self-
+    attention through ``nn.MultiheadAttention``'s packed projection, which
+    :func:`_suffix_block` redoes by hand)."""
+    from open_clip.transformer import ResidualAttentionBlock
+
+    mask = text.attn_mask
+    if mask is None or pool_type not in ("argmax", "eos"):
+        return False
+    causal = torch.full(mask.shape, float("-inf")).triu(1)
+    if not torch.equal(mask.detach().float().cpu(), causal):
+        return False
+    for block in text.transformer.resblocks:
+        if type(block) is not ResidualAttentionBlock or hasattr(block, "ln_1_kv"):
+            return False
+        attn = block.attn
+        if attn.in_proj_weight is None or attn.bias_k is not None or attn.add_zero_attn:
+            return False
+    return True
+
+
+def _prefix_block(block, x, mask):
+    """One ``ResidualAttentionBlock`` on prefix tokens ``x`` ``[G, P, W]`` (causal ``mask``
+    ``[P, P]``), by hand so that its keys and values ``[G, heads, P, head_dim]``, kept
+    for the suffixes, come from the one projection the block itself uses."""
+    attn = block.attn
+    groups, length, width = x.shape
+    heads = attn.num_heads
+    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)  # [G, P, 3W]
+    q, keys, values = qkv.unflatten(-1, (3, heads, width // heads)).permute(2, 0, 3, 1, 4)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.to(q.dtype))
+    x = x + block.ls_1(attn.out_proj(out.transpose(1, 2).reshape(groups, length, width)))
+    return x + block.ls_2(block.mlp(block.ln_2(x))), keys, values
+
+
+def _suffix_block(block, x, keys, values, mask):
+    """One ``ResidualAttentionBlock`` on suffix tokens ``x`` ``[G, C, S, W]`` whose prompts
+    begin with the prefix of ``keys``/``values`` ``[G, H, P, d]``; ``mask`` ``[S, P + S]`` is
+    the additive causal mask of the suffix rows.
+
+    Scores against the prefix are one matmul per (group, head) with the classes folded
+    into the query rows, so the prefix keys and values are read, not copied, per class;
+    one softmax covers prefix and suffix columns, as the full pass's attention does.
+    """
+    attn = block.attn
+    groups, n_cls, length, width = x.shape
+    heads = attn.num_heads
+    n_prefix, head_dim = keys.shape[2], width // heads
+    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)  # [G, C, S, 3W]
+    q, k, v = qkv.unflatten(-1, (3, heads, head_dim)).permute(3, 0, 4, 1, 2, 5)  # each [G, H, C, S, d]
+    q = q * head_dim**-0.5
+    to_prefix = q.reshape(groups, heads, n_cls * length, head_dim) @ keys.transpose(-1, -2)
+    scores = torch.cat([to_prefix.view(groups, heads, n_cls, length, n_prefix), q @ k.transpose(-1, -2)], dim=-1)
+    probs = torch.softmax(scores + mask.to(scores.dtype), dim=-1)  # [G, H, C, S, P + S]
+    from_prefix = probs[..., :n_prefix].reshape(groups, heads, n_cls * length, n_prefix) @ values
+    out = from_prefix.view(groups, heads, n_cls, length, head_dim) + probs[..., n_prefix:] @ v
+    out = out.permute(0, 2, 3, 1, 4).reshape(groups, n_cls, length, width)
+    x = x + block.ls_1(attn.out_proj(out))
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
