@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .api import DatasetEntry, DatasetSplits, Item
-from .builtin.datasets import (
-    DatasetSpecFile,
+from .builtin.spec_datasets import (
     coverage_problems,
     embedded_ready,
     load_spec_dataset,
@@ -23,6 +22,7 @@ from .builtin.datasets import (
     spec_classes,
     spec_where,
 )
+from .builtin.spec_files import DatasetSpecFile
 from .data import SPLITS, Unreadable, default_data_root, read_rgb
 from .errors import UserError
 

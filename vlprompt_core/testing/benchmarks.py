@@ -21,7 +21,7 @@ from ..data import SPLITS, prompt_name
 
 def builtin_specs() -> dict:
     """The dataset spec files vlprompt reads (built-ins and ``$VLPROMPT_DATASETS_SPEC``), by name."""
-    from ..builtin.datasets import read_spec_files
+    from ..builtin.spec_datasets import read_spec_files
 
     entries, problems = read_spec_files()
     if problems:
