@@ -175,7 +175,7 @@ def test_chunks_give_the_features_and_gradients_of_one_pass(bb, calls, monkeypat
     tokens = table.token_ids.shape[1] - (table.prefix_length if shared else 0)
     if chunk == "auto":  # a budget of 3 prompts per pass
         per_row = tokens * bb.text_width * 4 * prompting.ACTIVATION_VECTORS_PER_TOKEN * bb.text_depth
-        monkeypatch.setattr(prompting, "AUTO_CHUNK_BUDGET", 3 * per_row + 1)
+        monkeypatch.setattr(prompting.chunking, "AUTO_CHUNK_BUDGET", 3 * per_row + 1)
         assert rows_per_pass(bb, tokens, "auto") == 3
     rows = 3 if chunk == "auto" else chunk
     calls["suffix"] = 0
@@ -238,7 +238,7 @@ def test_auto_chunks_a_longer_prompt_more(bb, calls, monkeypatch):
     short = PromptTable(bb, NAMES, PromptTemplate.with_context(2, "front"))
     long = PromptTable(bb, NAMES, PromptTemplate.with_context(16, "front"))
     per_token = bb.text_width * 4 * prompting.ACTIVATION_VECTORS_PER_TOKEN * bb.text_depth
-    monkeypatch.setattr(prompting, "AUTO_CHUNK_BUDGET", 20 * per_token * short.token_ids.shape[1])
+    monkeypatch.setattr(prompting.chunking, "AUTO_CHUNK_BUDGET", 20 * per_token * short.token_ids.shape[1])
     encode, passes = bb.encode_text_embeddings, []
 
     def counting(*args, **kwargs):

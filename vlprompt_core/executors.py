@@ -17,7 +17,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from .engine import Engine, PluginError, ProgressReporter, log_traceback
 from .errors import UserError
+from .plugins import get_registry
+from .spec import check_spec, validate_spec
 from .sweep import Outcome, Run
 
 #: Environment variables a run depends on, handed to Ray workers (``VLPROMPT_*`` too).
@@ -30,12 +35,6 @@ def execute_run(data: dict, cwd: str | None = None, threads: int | None = None, 
     """Run one validated spec (as plain data) to the end in this process and say how
     it ended (an :class:`Outcome` as a dict, so that it travels between processes).
     Only an interruption (Ctrl-C) escapes; whatever else stops the run is the outcome."""
-    import torch
-
-    from .engine import Engine, PluginError, ProgressReporter, log_traceback
-    from .plugins import get_registry
-    from .spec import check_spec, validate_spec
-
     if cwd and Path(cwd).is_dir():
         os.chdir(cwd)  # relative paths of the spec (data roots, caches) mean what they meant to the sweep
     before = torch.get_num_threads()

@@ -10,12 +10,11 @@ with examples, is ``docs/hooks.md``; how to write each kind of plug-in is
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pluggy
 
-if TYPE_CHECKING:
-    from .api import BackboneEntry, DatasetEntry, LoggerEntry, MethodEntry, ProtocolEntry
+from .api import BackboneEntry, DatasetEntry, LoggerEntry, MethodEntry, ProtocolEntry
 
 hookspec = pluggy.HookspecMarker("vlprompt")
 

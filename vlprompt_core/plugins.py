@@ -18,6 +18,7 @@ import pluggy
 
 from . import __version__, hookspecs
 from .errors import UserError
+from .recipes import check_recipe
 
 ENTRY_POINT_GROUP = "vlprompt"
 
@@ -162,8 +163,6 @@ def _entry_problem(kind: str, entry: Any) -> str | None:
     """Why a registered entry cannot be used (a fault of its plug-in), or None."""
     if kind != "method" or entry.recipe is None:
         return None
-    from .recipes import check_recipe
-
     try:
         check_recipe(entry.recipe, entry.options, entry.name)
     except UserError as exc:

@@ -10,10 +10,14 @@ Resolution, per method section of a run spec (:func:`resolve_method`): what the
 user wrote in the spec wins (the method's own ``train:`` overrides, then the
 top-level ``train:`` section, then the section's options); what they left out
 comes from the method's recipe; the rest from the global defaults (the
-:class:`~vlprompt_core.spec.TrainSpec` and options-model defaults).
+:class:`~vlprompt_core.settings.TrainSpec` and options-model defaults).
 
 A plug-in may keep its recipe in a YAML file beside its code and load it with
 :meth:`Recipe.from_yaml`.
+
+The recipe models are data of the plug-in contract and live in
+:mod:`vlprompt_core.api`; plug-ins import them from here
+(``from vlprompt_core.recipes import Recipe, RecipeRule``).
 """
 
 from __future__ import annotations
@@ -21,77 +25,17 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 
+from .api import Recipe, RecipeCondition, RecipeRule  # noqa: F401 - plug-ins import them from here
 from .errors import UserError
-
-
-class RecipeCondition(BaseModel):
-    """When a rule applies: every given key must match (a value or a list of values)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    protocol: str | list[str] | None = Field(None, description="protocol name(s), e.g. few_shot")
-    dataset: str | list[str] | None = Field(None, description="dataset name(s) trained on, e.g. imagenet")
-    shots: int | list[int] | None = Field(None, description="shots per class of the protocol")
-
-    def matches(self, context: dict[str, Any]) -> bool:
-        for key in ("protocol", "dataset", "shots"):
-            want = getattr(self, key)
-            if want is None:
-                continue
-            values = want if isinstance(want, list) else [want]
-            if context.get(key) not in values:
-                return False
-        return True
-
-
-class RecipeRule(BaseModel):
-    """Settings and option defaults that apply when :attr:`when` matches."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    when: RecipeCondition
-    train: dict[str, Any] = Field(default_factory=dict)
-    options: dict[str, Any] = Field(default_factory=dict)
-    note: str = ""
-
-
-class Recipe(BaseModel):
-    """A method's training recipe: ``train`` settings and ``options`` defaults,
-    refined by ``rules``; ``source`` says where the values come from (e.g. the
-    official config files)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    train: dict[str, Any] = Field(default_factory=dict)
-    options: dict[str, Any] = Field(default_factory=dict)
-    rules: list[RecipeRule] = Field(default_factory=list)
-    source: str = ""
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> "Recipe":
-        return cls.model_validate(yaml.safe_load(Path(path).read_text()) or {})
-
-    def for_context(self, context: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The ``(train, options)`` defaults this recipe gives under ``context``
-        (keys ``protocol``, ``dataset``, ``shots``)."""
-        train, options = dict(self.train), dict(self.options)
-        for rule in self.rules:
-            if rule.when.matches(context):
-                train.update(rule.train)
-                options.update(rule.options)
-        return train, options
+from .settings import TrainOverride, TrainSpec
 
 
 def check_recipe(recipe: Recipe, options_model: type[BaseModel], method: str) -> None:
     """Raise a clear error when a recipe names a train field or option that does not exist."""
-    from .spec import TrainOverride
-
     parts = [("train", recipe.train, "options", recipe.options)]
     parts += [(f"rules[{i}].train", r.train, f"rules[{i}].options", r.options) for i, r in enumerate(recipe.rules)]
     problems = []
@@ -149,12 +93,17 @@ _NOT_IN_KEY = {"seeds", "device", "num_workers", "eval_batch_size", "unreadable_
 #: Train fields in the key only when they differ from their default (newer fields:
 #: results keyed before they existed stay valid).
 _IN_KEY_WHEN_SET = {"augment_views": 0}
+#: Train fields only training reads: not in the key of a method whose entry says it
+#: does not train (``MethodEntry.trains``). What scoring reads stays in: ``precision``
+#: (the autocast dtype of the image and text towers, so the scores); the test-time
+#: image transform is the backbone's, keyed with it (``crop_scale`` is the training
+#: crop). A new train field is in every key until it is named here.
+_TRAINING_ONLY = {"epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule",
+                  "warmup_epochs", "warmup_lr", "crop_scale", "augment_views"}
 
 
 def resolve_method(spec, section, label: str, entry) -> ResolvedMethod:
     """Decide every train setting and option of one method section (spec > recipe > default)."""
-    from .spec import TrainSpec
-
     recipe_train, recipe_options = (entry.recipe.for_context(run_context(spec)) if entry.recipe else ({}, {}))
 
     # train: defaults < recipe < top-level spec < the section's own overrides
@@ -191,17 +140,20 @@ def resolve_method(spec, section, label: str, entry) -> ResolvedMethod:
         sources[name] = "spec" if name in user_options else "recipe" if name in applied else "default"
 
     resolved = ResolvedMethod(label, section.name, options, train, sources)
-    resolved.key = method_key(spec, resolved)
+    resolved.key = method_key(spec, resolved, entry.trains)
     return resolved
 
 
-def method_key(spec, resolved: ResolvedMethod) -> str:
-    """A short hash of everything a (method, seed) result depends on except the seed."""
+def method_key(spec, resolved: ResolvedMethod, trains: bool = True) -> str:
+    """A short hash of everything a (method, seed) result depends on except the seed;
+    for a method that does not train (``trains`` False), without the train settings
+    only training reads, so its runs under any training settings are the same pairs."""
+    left_out = _NOT_IN_KEY | {name for name, default in _IN_KEY_WHEN_SET.items()
+                              if getattr(resolved.train, name) == default}
     payload = {
         "method": resolved.name,
         "options": resolved.options.model_dump(mode="json", exclude={"name", "label", "train"}),
-        "train": resolved.train.model_dump(mode="json", exclude=_NOT_IN_KEY | {
-            name for name, default in _IN_KEY_WHEN_SET.items() if getattr(resolved.train, name) == default}),
+        "train": resolved.train.model_dump(mode="json", exclude=left_out if trains else left_out | _TRAINING_ONLY),
         "backbone": spec.backbone.model_dump(mode="json"),
         "dataset": spec.dataset.model_dump(mode="json"),
         "protocol": spec.protocol.model_dump(mode="json"),

@@ -1,171 +1,21 @@
-"""Shared text-prompt machinery for method plug-ins.
-
-* :class:`PromptTemplate` — a prompt as pieces: learned context slots
-  (:class:`Context`), the class name (``"{}"``) and fixed words.
-* :class:`PromptTable` — a template laid out for a class list: token ids, the
-  slot map that says where each context vector goes, and the frozen token
-  embeddings; :meth:`PromptTable.encode` writes context vectors in (any leading
-  shape: shared, per class, per image, per Monte-Carlo sample...) and runs the
-  text tower, once over the tokens all classes share, and in chunks that bound
-  its memory (:func:`text_chunking`).
-* :func:`init_context` — context vectors from words or random.
-* :func:`class_text_features` — frozen hand-crafted class features (one template
-  or an ensemble), as zero-shot CLIP and methods' priors use them.
-
-Image-independent features are cached per evaluation with
-:meth:`vlprompt_core.api.PromptMethod.cached`.
-"""
+"""Learned prompts: :class:`PromptTemplate` (pieces: :class:`Context` slots, the class
+name, fixed words), :class:`PromptTable` (a template laid out for a class list, and the
+text pass that writes context vectors in) and :func:`init_context`."""
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from vlprompt_kernels import assemble_prompts
 
-from . import textbook
-from .api import BlockHook, ClassSet, TextPrefix, VisionLanguageBackbone
-from .errors import UserError
-
-#: The 7 templates the reference ``ZeroshotCLIP2`` averages (with the dataset's own).
-ENSEMBLE_TEMPLATES = [
-    "itap of a {}.",
-    "a bad photo of the {}.",
-    "a origami {}.",
-    "a photo of the large {}.",
-    "a {} in a video game.",
-    "art of the {}.",
-    "a photo of the small {}.",
-]
-
-#: ``"dataset"`` (the dataset's first template), ``"ensemble"`` (the dataset's prompt
-#: ensemble, see :func:`templates_for`), or a list of templates with ``{}``.
-TemplateChoice = Union[Literal["dataset", "ensemble"], list[str]]
-
-
-def templates_for(choice: TemplateChoice, classes: ClassSet) -> list[str]:
-    """The hand-written templates ``choice`` stands for on ``classes``.
-
-    ``"ensemble"`` is ``classes.ensemble`` when the dataset names one (its spec
-    file's ``ensemble:``, e.g. the reference ``ZeroshotCLIP2``'s 7 templates alone for
-    ImageNet, the 7 plus the dataset's own template elsewhere), else the dataset's
-    templates followed by :data:`ENSEMBLE_TEMPLATES`.
-    """
-    if choice == "dataset":
-        return classes.templates[:1]
-    if choice == "ensemble":
-        if classes.ensemble:
-            return list(dict.fromkeys(classes.ensemble))
-        return list(dict.fromkeys(classes.templates + ENSEMBLE_TEMPLATES))
-    return list(choice)
-
-
-def check_templates(value):
-    """A validator for :data:`TemplateChoice` option fields: every template needs ``{}``."""
-    if isinstance(value, list):
-        bad = [t for t in value if "{}" not in t]
-        if bad or not value:
-            raise ValueError(f"each template needs a '{{}}' for the class name: {bad or 'empty list'}")
-    return value
-
-
-@torch.no_grad()
-def class_text_features(backbone: VisionLanguageBackbone, names: list[str], templates: list[str]) -> torch.Tensor:
-    """Frozen class features: the mean over templates of normalised text features,
-    re-normalised: ``[C, embed_dim]`` (fp32)."""
-    device = backbone.positional_embedding.device
-    feats = []
-    for template in templates:
-        tokens = backbone.tokenize([template.format(n) for n in names]).to(device)
-        feats.append(F.normalize(backbone.encode_text(tokens).float(), dim=-1))
-    return F.normalize(torch.stack(feats).mean(0), dim=-1)
-
-
-# ------------------------------------------------------------------ chunking
-
-#: Prompts per text-tower pass: a number ``>= 1``, ``0`` (never chunk) or ``"auto"``.
-TextChunking = int | Literal["auto"]
-
-_TEXT_CHUNKING: contextvars.ContextVar[TextChunking] = contextvars.ContextVar("vlprompt_text_chunking", default="auto")
-
-#: ``"auto"`` keeps the activations of one text-tower pass under this many bytes.
-AUTO_CHUNK_BUDGET = 1 << 30
-
-#: Width-sized fp32 vectors one text block keeps per token for the backward pass. Counted
-#: on the tiny test CLIP (distinct non-parameter storages saved by autograd): about 10 for
-#: the full pass (block input, the two norms, q/k/v, attention output, the MLP's 4W
-#: hidden state before and after the GELU...), about 12 for the suffix of a shared prefix,
-#: which also keeps attention probabilities over the prefix; 12 bounds both. Without
-#: gradients only one block's activations are alive at a time, about as many vectors.
-ACTIVATION_VECTORS_PER_TOKEN = 12
-
-
-def _check_chunking(value) -> TextChunking:
-    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
-        return value
-    raise ValueError(f"text chunking must be a number of prompts >= 1, 0 (never chunk) or 'auto', got {value!r}")
-
-
-@contextlib.contextmanager
-def text_chunking(value: TextChunking) -> Iterator[None]:
-    """Run :meth:`PromptTable.encode` calls inside with this chunking setting: at most
-    ``value`` prompts per text-tower pass, ``0`` for all prompts in one pass, or
-    ``"auto"`` (the default when nothing is set) for passes whose activations fit
-    :data:`AUTO_CHUNK_BUDGET`. A method's own ``chunk_size`` still wins."""
-    token = _TEXT_CHUNKING.set(_check_chunking(value))
-    try:
-        yield
-    finally:
-        _TEXT_CHUNKING.reset(token)
-
-
-def current_text_chunking() -> TextChunking:
-    """The setting :func:`text_chunking` made here (``"auto"`` when none)."""
-    return _TEXT_CHUNKING.get()
-
-
-def rows_per_pass(
-    backbone: VisionLanguageBackbone,
-    tokens_per_row: int,
-    setting: TextChunking | None = None,
-    grad: bool | None = None,
-) -> int | None:
-    """Prompts per text-tower pass under ``setting`` (default: :func:`current_text_chunking`)
-    for prompts of ``tokens_per_row`` tokens; None: all in one pass.
-
-    ``"auto"`` divides :data:`AUTO_CHUNK_BUDGET` by the bytes a prompt's activations
-    take: ``tokens_per_row x width x 4 x`` :data:`ACTIVATION_VECTORS_PER_TOKEN`, times
-    the depth when ``grad`` (default: whether gradients are enabled; then every block's
-    activations may be kept for the backward pass).
-    """
-    setting = _check_chunking(current_text_chunking() if setting is None else setting)
-    if setting == 0:
-        return None
-    if setting != "auto":
-        return setting
-    grad = torch.is_grad_enabled() if grad is None else grad
-    per_token = backbone.text_width * 4 * ACTIVATION_VECTORS_PER_TOKEN * (backbone.text_depth if grad else 1)
-    return max(1, AUTO_CHUNK_BUDGET // (max(tokens_per_row, 1) * per_token))
-
-
-def _in_chunks(run, recompute: bool, pieces: list) -> list[torch.Tensor]:
-    """``run(*piece)`` for each piece; with ``recompute``, each is checkpointed
-    (recomputed in the backward pass), so memory is bounded by one piece and the
-    gradients are those of a single pass."""
-    if len(pieces) == 1:
-        return [run(*pieces[0])]
-    return [checkpoint(run, *piece, use_reentrant=False) if recompute else run(*piece) for piece in pieces]
-
-
-# ------------------------------------------------------------------ templates
+from .. import textbook
+from ..api import BlockHook, TextPrefix, VisionLanguageBackbone
+from ..errors import UserError
+from .chunking import _in_chunks, rows_per_pass
 
 
 @dataclass(frozen=True)

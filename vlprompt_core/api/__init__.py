@@ -1,0 +1,83 @@
+"""What plug-ins implement and return: the public contract of vlprompt.
+
+Reading order for a method author: :class:`Options`, :class:`PromptMethod` (with
+:class:`Batch` and :class:`MethodOutput`), :class:`MethodEntry` and
+:class:`Recipe`. The backbone interface a method may use is
+:class:`VisionLanguageBackbone`; the shared text-prompt machinery is in
+:mod:`vlprompt_core.prompting`.
+
+Import every name from here (``from vlprompt_core.api import ...``); the
+submodules only say where each part is written:
+
+* :mod:`~vlprompt_core.api.base`: :class:`Options` (the base of every options
+  model) and :class:`ContractError`.
+* :mod:`~vlprompt_core.api.data`: :class:`Item`, :class:`ClassSet`,
+  :class:`DatasetSplits`, :class:`EvalSet` and a protocol's :class:`Plan`.
+* :mod:`~vlprompt_core.api.backbone`: :class:`VisionLanguageBackbone` with
+  :data:`BlockHook` and :data:`TextPrefix`.
+* :mod:`~vlprompt_core.api.method`: :class:`PromptMethod`, :class:`Batch`,
+  :class:`MethodOutput` and :class:`ParamGroup`.
+* :mod:`~vlprompt_core.api.recipe`: :class:`Recipe`, :class:`RecipeRule` and
+  :class:`RecipeCondition`.
+* :mod:`~vlprompt_core.api.entries`: what the registration hooks return
+  (:class:`BackboneEntry`, :class:`MethodEntry`, :class:`DatasetEntry`,
+  :class:`ProtocolEntry`, :class:`LoggerEntry`), :class:`Published`,
+  :class:`ProtocolContext` and :class:`DatasetRef`.
+
+The package imports nothing of vlprompt_core but leaf modules
+(:mod:`~vlprompt_core.errors`, :mod:`~vlprompt_core.textbook`); its submodules import
+each other directly, never this ``__init__`` (``tests/test_layers.py``).
+"""
+
+from __future__ import annotations
+
+from .backbone import BlockHook, TextPrefix, VisionLanguageBackbone
+from .base import ContractError, Options
+from .data import ClassSet, DatasetSplits, EvalSet, Item, Plan
+from .entries import (
+    BackboneEntry,
+    DatasetEntry,
+    DatasetRef,
+    LoggerEntry,
+    MethodEntry,
+    ProtocolContext,
+    ProtocolEntry,
+    Published,
+)
+from .method import INPUTS, Batch, MethodOutput, ParamGroup, PromptMethod
+from .recipe import Recipe, RecipeCondition, RecipeRule
+
+__all__ = [
+    # base
+    "Options",
+    "ContractError",
+    # data
+    "Item",
+    "ClassSet",
+    "DatasetSplits",
+    "EvalSet",
+    "Plan",
+    # backbone
+    "BlockHook",
+    "TextPrefix",
+    "VisionLanguageBackbone",
+    # method
+    "Batch",
+    "MethodOutput",
+    "ParamGroup",
+    "INPUTS",
+    "PromptMethod",
+    # recipe
+    "RecipeCondition",
+    "RecipeRule",
+    "Recipe",
+    # registrations
+    "BackboneEntry",
+    "Published",
+    "MethodEntry",
+    "DatasetEntry",
+    "ProtocolContext",
+    "ProtocolEntry",
+    "LoggerEntry",
+    "DatasetRef",
+]

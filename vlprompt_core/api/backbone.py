@@ -1,0 +1,175 @@
+"""The backbone interface a method may use: :class:`VisionLanguageBackbone` and the
+types of its hooks (:data:`BlockHook`) and shared text prefixes (:data:`TextPrefix`)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+
+# ------------------------------------------------------------------------ backbone
+
+#: A function called before block ``l`` of a tower with the tokens ``x`` ``[N, L, W]``
+#: entering it; it returns the tokens the block gets instead (see
+#: :meth:`VisionLanguageBackbone.encode_text_embeddings` for what may change).
+BlockHook = Callable[[int, torch.Tensor], torch.Tensor]
+
+#: What a shared causal text prefix leaves behind for the tokens after it
+#: (:meth:`VisionLanguageBackbone.encode_text_prefix`): one ``(keys, values)`` pair per
+#: text block, each ``[G, heads, P, head_dim]`` for G prefixes of P tokens. Row g
+#: belongs to prefix g, so indexing both tensors of every pair selects prefixes.
+TextPrefix = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class VisionLanguageBackbone(nn.Module):
+    """A frozen CLIP-like model, seen through the parts prompt methods need.
+
+    **Text tower.** ``tokenize`` / ``tokenize_words`` -> ``embed_tokens`` -> (edit the
+    embeddings, e.g. write context vectors into slots) -> ``encode_text_embeddings``,
+    which adds positions, runs the blocks (with an optional hook before each, for deep
+    text prompts), and applies the text head: final norm, the state at
+    ``pool_positions(tokens)``, projection (:meth:`text_head`).
+
+    **Image tower** (ViT backbones, ``"vision_transformer" in capabilities``):
+    ``embed_image(images, pre_norm=False)`` gives class + patch tokens with positions
+    *before* the pre-norm (insert tokens here to have them normalised, as MaPLe
+    does); ``vision_pre_norm`` applies it; ``embed_image(images)`` is both steps
+    (insert here to skip the norm, as ProVP and VPT do). ``encode_image_tokens``
+    runs the blocks (hook before each) and the image head (:meth:`image_head`:
+    pooling at the class token, final norm, projection). ``encode_image`` is the
+    whole frozen path and equals the model's own image encoder.
+
+    Widths and depths are attributes read from the model. The backbone is frozen
+    and stays in eval mode whatever its parent module does.
+    """
+
+    embed_dim: int
+    text_width: int
+    text_depth: int
+    vision_width: int
+    vision_depth: int
+    context_length: int
+    image_size: int
+    image_mean: tuple[float, ...]
+    image_std: tuple[float, ...]
+    #: ``logit_scale.exp()``, a plain float (frozen).
+    logit_scale: float
+    sot_id: int
+    eot_id: int
+    #: What this backbone offers beyond features: ``"vision_transformer"`` when the
+    #: image tower is a ViT whose tokens and blocks are reachable (visual prompts).
+    capabilities: frozenset[str] = frozenset()
+    #: A short description for messages, e.g. ``"ViT-B-16 (open_clip)"``.
+    description: str = ""
+    #: Whether :meth:`encode_text_prefix` and :meth:`encode_text_suffix` work: the text
+    #: tower is causal and pools at a token after the prefix, so prompts that begin with
+    #: the same tokens can share one pass over them (a CoOp prompt table runs its start
+    #: token and context once, not once per class).
+    text_prefix_sharing: bool = False
+
+    # ------------------------------------------------------------------ text
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """Token ids ``[N, context_length]`` with start/end tokens, zero-padded."""
+        raise NotImplementedError
+
+    def tokenize_words(self, text: str) -> list[int]:
+        """BPE ids of ``text`` without start/end tokens."""
+        raise NotImplementedError
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Frozen token embeddings ``[..., text_width]`` of ``tokens``."""
+        raise NotImplementedError
+
+    #: ``[context_length, text_width]`` text positional embedding.
+    positional_embedding: torch.Tensor
+
+    def pool_positions(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The text pooling rule: index ``[N]`` of the token whose final state is the
+        text feature of each sequence (e.g. the end token for CLIP)."""
+        raise NotImplementedError
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Frozen text features ``[N, embed_dim]`` of token ids (not normalised)."""
+        raise NotImplementedError
+
+    def encode_text_embeddings(
+        self,
+        embeddings: torch.Tensor,
+        tokens: torch.Tensor,
+        block_hook: BlockHook | None = None,
+        add_positional: bool = True,
+    ) -> torch.Tensor:
+        """Text features ``[N, embed_dim]`` from token embeddings ``[N, L, text_width]``.
+
+        ``tokens`` ``[N, L]`` are the ids the embeddings stand for; they decide the
+        pooled position. ``block_hook(l, x)`` is called before block ``l`` and may
+        replace token states but must keep the shape (a different shape raises
+        :class:`ContractError`): pooling reads positions from ``tokens``. The tower is
+        causal, so sequences may be cut after the last pooled position before the
+        blocks run; hooks see that length.
+        """
+        raise NotImplementedError
+
+    def text_head(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Final norm, the state at ``pool_positions(tokens)``, projection: ``[N, embed_dim]``."""
+        raise NotImplementedError
+
+    def encode_text_prefix(self, prefix: torch.Tensor) -> TextPrefix:
+        """Run the text blocks over G shared prompt beginnings ``prefix``
+        ``[G, P, text_width]`` (token embeddings with positions): what each block's
+        attention needs of them for the tokens that follow (see :data:`TextPrefix`).
+        Only with :attr:`text_prefix_sharing`."""
+        raise NotImplementedError
+
+    def encode_text_suffix(self, prefix: TextPrefix, suffix: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Text features ``[G, C, embed_dim]`` of the prompts that begin with prefix g
+        (:meth:`encode_text_prefix`, P tokens) and continue with ``suffix[g, c]``
+        ``[G, C, S, text_width]`` (token embeddings with positions P, P+1, ...).
+
+        ``tokens`` ``[C, >= P]`` are the ids of the whole prompts (prefix included);
+        they decide the pooled positions, which must lie in the suffix. The features
+        equal :meth:`encode_text_embeddings` of the whole prompts, up to rounding, and
+        so do the gradients. Only with :attr:`text_prefix_sharing`.
+        """
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- vision
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Frozen image features ``[B, embed_dim]`` (not normalised)."""
+        raise NotImplementedError
+
+    def embed_image(self, images: torch.Tensor, pre_norm: bool = True) -> torch.Tensor:
+        """Class token then patch tokens, with positions: ``[B, 1 + P, vision_width]``;
+        after the pre-norm unless ``pre_norm=False``."""
+        raise NotImplementedError
+
+    def vision_pre_norm(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The norm applied to the image tokens before the first block."""
+        raise NotImplementedError
+
+    def encode_image_tokens(self, tokens: torch.Tensor, block_hook: BlockHook | None = None) -> torch.Tensor:
+        """Run the image blocks on ``tokens`` ``[B, T, vision_width]`` and the image head.
+
+        ``block_hook(l, x)`` is called before block ``l``; it may insert, replace or
+        remove tokens (the sequence length may change) but must keep the class token
+        at index 0, the batch size and the width (a different batch size or width
+        raises :class:`ContractError`).
+        """
+        raise NotImplementedError
+
+    def image_head(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Pooling at the class token, final norm, projection: ``[B, embed_dim]``."""
+        raise NotImplementedError
+
+    def require(self, capability: str, who: str) -> None:
+        """Raise a one-line :class:`~vlprompt_core.errors.UserError` naming ``who``
+        unless this backbone has ``capability``."""
+        if capability not in self.capabilities:
+            what = {"vision_transformer": "a ViT image tower (visual prompts go into its blocks)"}.get(
+                capability, capability
+            )
+            raise UserError(f"{who} needs {what}; backbone {self.description or type(self).__name__} has none")

@@ -1,0 +1,149 @@
+"""What the registration hooks return: one entry per backbone, method, dataset,
+protocol and logger, the :class:`Published` results of a method, what a protocol
+plans with (:class:`ProtocolContext`) and :class:`DatasetRef` for dataset options."""
+
+from __future__ import annotations
+
+import importlib.resources
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import yaml
+
+from .backbone import VisionLanguageBackbone
+from .base import Options
+from .data import ClassSet, DatasetSplits, Plan
+from .method import PromptMethod
+from .recipe import Recipe
+
+
+# ------------------------------------------------------------------- registrations
+
+
+@dataclass(frozen=True)
+class BackboneEntry:
+    """A backbone: its options model and a builder.
+
+    ``check(options)`` (optional) returns one line per problem it finds without
+    loading weights (unknown model name, missing checkpoint file...); it runs for
+    ``vlprompt validate`` and before every run.
+    """
+
+    name: str
+    options: type[Options]
+    build: Callable[[Any], VisionLanguageBackbone]
+    description: str = ""
+    check: Callable[[Any], list[str]] | None = None
+
+
+@dataclass(frozen=True)
+class Published:
+    """A result the method's authors published, shown beside measured ones by
+    ``vlprompt report --paper``: ``metrics`` in %, named as the protocol summarises
+    them (few_shot: accuracy; base2novel: base, novel, H), for one dataset."""
+
+    protocol: str
+    dataset: str
+    metrics: dict[str, float]
+    shots: int | None = None
+    backbone: str = "ViT-B/16"
+    source: str = ""
+
+    @classmethod
+    def load(cls, package: str, resource: str = "published.yaml") -> tuple[Published, ...]:
+        """The published results in a data file shipped inside ``package`` (see
+        ``docs/reports.md``): ``tables``, each with ``source``, ``protocol``, ``shots``,
+        ``backbone`` and ``results: {dataset: {metric: value}}``."""
+        data = yaml.safe_load(importlib.resources.files(package).joinpath(resource).read_text())
+        return tuple(
+            cls(table["protocol"], dataset, {m: float(v) for m, v in metrics.items()}, table.get("shots"),
+                table.get("backbone", "ViT-B/16"), table.get("source", ""))
+            for table in data["tables"]
+            for dataset, metrics in table["results"].items()
+        )
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """A method: its options model, the module class built from them, its training
+    recipe (:class:`~vlprompt_core.recipes.Recipe`, as the authors trained it) and the
+    results its authors published (:class:`Published`).
+
+    ``trains``: False for a method that is only scored, never trained (it has no
+    trainable parameters, e.g. zero-shot CLIP). Its results are then keyed without the
+    train settings that only training reads (epochs, lr, batch size, ...; see
+    :func:`~vlprompt_core.recipes.method_key`), so that runs of it under different
+    training settings count as the same (method, seed) pairs."""
+
+    name: str
+    options: type[Options]
+    build: Callable[[VisionLanguageBackbone, ClassSet, Any], PromptMethod]
+    description: str = ""
+    recipe: Recipe | None = None
+    published: tuple[Published, ...] = ()
+    trains: bool = True
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """A dataset: options model and loader; ``check(options)`` (optional) lists
+    problems found cheaply (missing folders, unreadable split files)."""
+
+    name: str
+    options: type[Options]
+    load: Callable[[Any], DatasetSplits]
+    description: str = ""
+    check: Callable[[Any], list[str]] | None = None
+
+
+@dataclass
+class ProtocolContext:
+    """What a protocol gets to make its plan for one seed."""
+
+    dataset: DatasetSplits
+    seed: int
+    #: Loads another dataset section of the spec (targets of transfer protocols).
+    load_dataset: Callable[[Any], DatasetSplits]
+
+
+@dataclass(frozen=True)
+class ProtocolEntry:
+    """A protocol: plans what trains and what is scored, and summarises scores.
+
+    ``summarize`` maps ``{eval set name: accuracy}`` to the headline metrics
+    (e.g. Base, Novel, H), in display order.
+    """
+
+    name: str
+    options: type[Options]
+    plan: Callable[[Any, ProtocolContext], Plan]
+    summarize: Callable[[Any, dict[str, float]], dict[str, float]]
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class LoggerEntry:
+    """A logger: its name and options model, nothing else.
+
+    A spec enables it with a section in ``loggers:`` (``{name: <this name>, ...options}``,
+    validated against ``options``). What it does it does through the lifecycle hooks
+    (``vlprompt_run_start`` ... ``vlprompt_run_end``): ``vlprompt_run_start`` gets the
+    resolved spec, whose ``loggers`` list says whether (and how) it is enabled for the run.
+    """
+
+    name: str
+    options: type[Options]
+    description: str = ""
+
+
+class DatasetRef(dict):
+    """Annotate a protocol option as ``list[DatasetRef]`` to take dataset sections.
+
+    The run spec validates each entry like the top-level ``dataset`` section (any
+    registered dataset with its own options), e.g. the targets of cross-dataset
+    transfer; the protocol then receives validated sections.
+    """
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source, handler):
+        return handler.generate_schema(dict[str, Any])

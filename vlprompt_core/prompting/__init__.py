@@ -1,0 +1,62 @@
+"""Shared text-prompt machinery for method plug-ins.
+
+* :class:`PromptTemplate` — a prompt as pieces: learned context slots
+  (:class:`Context`), the class name (``"{}"``) and fixed words.
+* :class:`PromptTable` — a template laid out for a class list: token ids, the
+  slot map that says where each context vector goes, and the frozen token
+  embeddings; :meth:`PromptTable.encode` writes context vectors in (any leading
+  shape: shared, per class, per image, per Monte-Carlo sample...) and runs the
+  text tower, once over the tokens all classes share, and in chunks that bound
+  its memory (:func:`text_chunking`).
+* :func:`init_context` — context vectors from words or random.
+* :func:`class_text_features` — frozen hand-crafted class features (one template
+  or an ensemble), as zero-shot CLIP and methods' priors use them.
+
+Image-independent features are cached per evaluation with
+:meth:`vlprompt_core.api.PromptMethod.cached`.
+
+The machinery lives in three modules, all of it importable from here:
+
+* :mod:`~vlprompt_core.prompting.handcrafted` — hand-written templates
+  (:func:`templates_for`, :func:`check_templates`, :data:`TemplateChoice`) and
+  :func:`class_text_features`.
+* :mod:`~vlprompt_core.prompting.chunking` — the run-wide text-pass chunking setting
+  (:func:`text_chunking`, :func:`current_text_chunking`, :func:`rows_per_pass`).
+* :mod:`~vlprompt_core.prompting.learned` — learned prompts (:class:`Context`,
+  :class:`PromptTemplate`, :class:`PromptTable`, :func:`init_context`).
+
+Settings are read where they are defined: patch ``AUTO_CHUNK_BUDGET`` on
+:mod:`~vlprompt_core.prompting.chunking`, not on this package.
+"""
+
+from __future__ import annotations
+
+from .chunking import (
+    ACTIVATION_VECTORS_PER_TOKEN,
+    AUTO_CHUNK_BUDGET,
+    TextChunking,
+    current_text_chunking,
+    rows_per_pass,
+    text_chunking,
+)
+from .handcrafted import ENSEMBLE_TEMPLATES, TemplateChoice, check_templates, class_text_features, templates_for
+from .learned import CLASS_NAME, Context, PromptTable, PromptTemplate, init_context
+
+__all__ = [
+    "ACTIVATION_VECTORS_PER_TOKEN",
+    "AUTO_CHUNK_BUDGET",
+    "CLASS_NAME",
+    "ENSEMBLE_TEMPLATES",
+    "Context",
+    "PromptTable",
+    "PromptTemplate",
+    "TemplateChoice",
+    "TextChunking",
+    "check_templates",
+    "class_text_features",
+    "current_text_chunking",
+    "init_context",
+    "rows_per_pass",
+    "templates_for",
+    "text_chunking",
+]

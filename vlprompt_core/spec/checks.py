@@ -1,0 +1,107 @@
+"""What comes after a spec validates: :func:`check_spec` (folders, plug-ins' own checks,
+resolved method settings), :func:`resolve_methods` and :func:`method_labels`,
+:func:`dataset_sections` and :func:`spec_hash`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import typing
+from pathlib import Path
+from typing import Any
+
+from ..api import DatasetRef
+from ..errors import UserError
+from ..plugins import Registry
+from ..recipes import resolve_method
+from .load import _os_problem
+
+
+def spec_hash(spec) -> str:
+    """What a validated spec asks for, as a short hash: its output folder and its
+    loggers (which say where results go, not what they are) left out, so enabling a
+    logger neither sets earlier results aside nor re-runs a finished sweep run, and
+    specs hash as they did before ``loggers`` existed."""
+    dumped = spec.model_dump(mode="json", exclude={"output", "loggers"})
+    return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def dataset_sections(spec, reg: Registry) -> list[tuple[str, Any]]:
+    """``(path, section)`` of every dataset section in ``spec``: the trained-on
+    dataset and each protocol option typed ``list[DatasetRef]`` (transfer targets)."""
+    out = [("dataset", spec.dataset)]
+    options = reg.get("protocol", spec.protocol.name).options
+    for fname, field in options.model_fields.items():
+        if typing.get_args(field.annotation) == (DatasetRef,):
+            out += [(f"protocol.{fname}[{i}]", s) for i, s in enumerate(getattr(spec.protocol, fname))]
+    return out
+
+
+def check_spec(spec, reg: Registry, source: str = "spec") -> None:
+    """What can be checked before anything runs, beyond the spec's shape: the
+    folders it writes, each backbone's and dataset's own ``check`` (model names,
+    weight files, dataset folders and split files) and every method's resolved
+    settings. Raises one :class:`UserError` with one line per problem."""
+    problems: list[str] = []
+    for where, folder in (("output", spec.output), ("train.feature_cache", spec.train.feature_cache)):
+        if folder is not None and (wrong := folder_problem(Path(folder))):
+            problems.append(f"{source}: {where}: {wrong}")
+    backbone = reg.get("backbone", spec.backbone.name)
+    if backbone.check is not None:
+        problems += [f"{source}: {p}" for p in _checked(backbone.check, spec.backbone, "backbone")]
+    for where, section in dataset_sections(spec, reg):
+        entry = reg.get("dataset", section.name)
+        if entry.check is not None:
+            problems += [f"{source}: {where}: {p}" for p in _checked(entry.check, section, where)]
+    try:
+        resolve_methods(spec, reg)
+    except UserError as exc:
+        problems += [f"{source}: {p}" for p in exc.problems]
+    if problems:
+        raise UserError(*problems)
+
+
+def _checked(check, section, where: str) -> list[str]:
+    """A plug-in's ``check`` of ``section``; a path the system refuses is one more problem."""
+    try:
+        return check(section)
+    except OSError as exc:
+        return [f"{where}: {_os_problem(exc)}"]
+
+
+def folder_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be a folder vlprompt writes in, or None: a file where the
+    folder, or a folder above it, must be, or a path the system refuses."""
+    if "\0" in str(path):
+        return f"{str(path)!r} is not a valid path (it holds a NUL character)"
+    try:
+        for above in (path, *path.parents):
+            if above.exists():
+                if above.is_dir():
+                    return None
+                if above == path:
+                    return f"{path} is a file, not a folder"
+                return f"{above} is a file, so the folder {path} cannot be made in it"
+    except OSError as exc:
+        return _os_problem(exc)
+    return None
+
+
+def method_labels(spec) -> list[str]:
+    """The name each method section has in the results: its ``label`` or its method
+    name, with ``#2``, ``#3`` ... appended when a name repeats."""
+    labels, seen = [], {}
+    for m in spec.method:
+        base = m.label or m.name
+        seen[base] = seen.get(base, 0) + 1
+        labels.append(base if seen[base] == 1 else f"{base}#{seen[base]}")
+    return labels
+
+
+def resolve_methods(spec, reg: Registry) -> list:
+    """Every method section with its settings decided (spec > recipe > defaults);
+    see :mod:`vlprompt_core.recipes`."""
+    return [
+        resolve_method(spec, section, label, reg.get("method", section.name))
+        for label, section in zip(method_labels(spec), spec.method)
+    ]
