@@ -1,0 +1,104 @@
+"""A pair's files: its trained prompts (``checkpoints/<label>-seed<N>-<key>.safetensors``,
+the trainable tensors with what they were trained as) and, beside them while it
+trains, its training state (:mod:`~vlprompt_core.trainstate`)."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+
+from ..api import PromptMethod
+from ..errors import UserError
+from ..recipes import ResolvedMethod
+from ..trainstate import Position, atomic_save, load_state, save_state
+from .optim import trainable_parameters
+
+
+def state_path(checkpoint: Path) -> Path:
+    """Where the training state beside a pair's checkpoint goes (:mod:`~vlprompt_core.trainstate`)."""
+    return checkpoint.with_name(checkpoint.name.removesuffix(".safetensors") + ".state.safetensors")
+
+
+def file_label(label: str) -> str:
+    """A method label as it can appear in a file name."""
+    return re.sub(r"[^A-Za-z0-9_.#+-]", "_", label)
+
+
+def save_checkpoint(method: PromptMethod, path: Path, metadata: dict[str, str]) -> None:
+    """The trainable parameters (fp32, safetensors) with what they were trained as."""
+    tensors = {n: p.detach().cpu().contiguous() for n, p in trainable_parameters(method).items()}
+    atomic_save(tensors, path, metadata)
+
+
+def load_checkpoint(method: PromptMethod, path: Path, expect: dict[str, str]) -> None:
+    """Load trained parameters into ``method``, checking that they belong to it."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError) as exc:
+        raise UserError(f"{path}: not a readable checkpoint ({exc})") from None
+    for key in ("method", "options"):
+        if key in meta and meta[key] != expect[key]:
+            raise UserError(f"{path}: trained as {key} {meta[key]}, the spec has {expect[key]}")
+    params = trainable_parameters(method)
+    if set(tensors) != set(params):
+        raise UserError(f"{path}: holds {sorted(tensors)}, the method trains {sorted(params)}")
+    for name, p in params.items():
+        if tensors[name].shape != p.shape:
+            raise UserError(f"{path}: {name} is {list(tensors[name].shape)}, the method has {list(p.shape)}")
+        with torch.no_grad():
+            p.copy_(tensors[name].to(p.device, p.dtype))
+
+
+@dataclass
+class PairFiles:
+    """Where one (method, seed) pair keeps its prompts and training state, and the
+    metadata that ties them to the settings they were trained with."""
+
+    output: Path
+    metadata: dict[str, str]  # method, options (JSON), key, label, seed
+
+    @classmethod
+    def of(cls, output: Path, m: ResolvedMethod, seed: int) -> PairFiles:
+        options = json.dumps(m.describe()["options"], sort_keys=True)
+        return cls(output, {"method": m.name, "options": options, "key": m.key, "label": m.label, "seed": str(seed)})
+
+    @property
+    def checkpoint(self) -> Path:
+        """The checkpoint's path relative to the results folder (as ``results.json`` records it)."""
+        meta = self.metadata
+        return Path("checkpoints") / f"{file_label(meta['label'])}-seed{meta['seed']}-{meta['key']}.safetensors"
+
+    @property
+    def state(self) -> Path:
+        return state_path(self.output / self.checkpoint)
+
+    @property
+    def identity(self) -> dict[str, str]:
+        """What a training state must match to be resumed."""
+        return {k: self.metadata[k] for k in ("method", "options", "key", "seed")}
+
+    def save(self, method: PromptMethod, epoch: int) -> None:
+        save_checkpoint(method, self.output / self.checkpoint, {**self.metadata, "epoch": str(epoch)})
+
+    def load_into(self, method: PromptMethod, path: Path) -> None:
+        """Prompts trained earlier (``vlprompt eval --from``), checked against this pair's settings."""
+        load_checkpoint(method, path, self.metadata)
+
+    def save_state(self, method, optimizer, data_state: torch.Tensor, position: Position, log: list[dict]) -> None:
+        save_state(self.state, method, optimizer, data_state, position, log, self.identity)
+
+    def resume(self, method, optimizer, generator: torch.Generator) -> tuple[Position, list[dict]] | None:
+        """The position and epoch log of an interrupted run of this pair (its state loaded), or None."""
+        return load_state(self.state, method, optimizer, generator, self.identity)
+
+    def training_done(self) -> None:
+        """The pair is recorded: its training state is no longer needed."""
+        self.state.unlink(missing_ok=True)

@@ -1,0 +1,68 @@
+"""Scoring: top-1 accuracy of a method on one evaluation split, under the
+classifier it builds for that split's classes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from .. import textbook
+from ..api import Batch, EvalSet, PromptMethod
+from ..data import test_transform
+from ..errors import UserError
+from ..settings import TrainSpec
+from .batches import check_scores, forward, image_loader, make_batch
+from .context import RunContext, autocast
+from .extract import test_features
+
+
+def eval_batches(label: str, method: PromptMethod, eval_set: EvalSet, settings: TrainSpec,
+                 ctx: RunContext) -> Iterator[Batch]:
+    """The batches ``method`` is scored on: the run's frozen features alone, or the
+    test images (with those frozen features when the method asks for both). In
+    textbook mode every method encodes the test images of every batch itself."""
+    bs = settings.eval_batch_size
+    features = None
+    if "image_features" in method.inputs and not textbook.active():
+        features, labels = test_features(method.backbone, eval_set, settings, ctx)
+        if "images" not in method.inputs:
+            for i in range(0, len(labels), bs):
+                yield Batch(image_features=features[i : i + bs], labels=labels[i : i + bs])
+            return
+    backbone = method.backbone
+    tf = test_transform(backbone.image_size, backbone.image_mean, backbone.image_std)
+    loader = image_loader(eval_set.items, tf, bs, settings, shuffle=False, unreadable=ctx.unreadable)
+    task = ctx.progress.start(f"{label}: eval {eval_set.name}", len(loader))
+    offset = 0
+    for images, y in loader:
+        n = len(y)
+        images, y = images.to(ctx.device), y.to(ctx.device)
+        if features is None:
+            with autocast(ctx.device, settings.precision):
+                batch = make_batch(method, images, y)
+        else:
+            batch = Batch(images=images, labels=y, image_features=features[offset : offset + n])
+        yield batch
+        offset += n
+        ctx.progress.advance(task, 1)
+    ctx.progress.stop(task)
+
+
+@torch.no_grad()
+def evaluate(label: str, method: PromptMethod, eval_set: EvalSet, settings: TrainSpec, ctx: RunContext) -> float:
+    """Top-1 accuracy (%) of ``method`` on ``eval_set`` under its own classifier."""
+    if not eval_set.items:
+        raise UserError(f"{eval_set.name}: the evaluation split is empty")
+    method.eval()
+    method.set_classes(eval_set.classes)
+    correct = scored = 0
+    for batch in eval_batches(label, method, eval_set, settings, ctx):
+        with autocast(ctx.device, settings.precision):
+            scores = method.predict(forward(method, batch))
+        check_scores(method, scores, batch, len(eval_set.classes))
+        correct += (scores.argmax(-1) == batch.labels).sum().item()
+        scored += len(batch.labels)  # unreadable images left out are not scored
+    if not scored:
+        raise UserError(f"{eval_set.name}: none of its {len(eval_set.items)} images could be read")
+    return 100.0 * correct / scored

@@ -1,0 +1,101 @@
+"""The training loop of one (method, seed) pair: epochs of steps over the plan's
+training items, the learning-rate schedule, the loss check, and the state saved
+after every epoch (and every ``train.checkpoint_every`` steps) so that a run
+stopped at any moment continues exactly where it was."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .. import textbook
+from ..api import PromptMethod
+from ..data import train_transform
+from ..settings import TrainSpec
+from ..trainstate import Position
+from .batches import ImageBatches, ViewBatches, check_scores, forward, image_loader
+from .checkpoints import PairFiles
+from .context import RunContext, autocast
+from .extract import train_views
+from .faults import PairFailed
+from .optim import lr_at, make_optimizer, optimizer_groups, set_lr
+
+
+def train_batches(label: str, method: PromptMethod, plan, settings: TrainSpec, seed: int,
+                  ctx: RunContext) -> ImageBatches | ViewBatches:
+    """Pre-extracted views (``train.augment_views``, for methods that read only frozen
+    image features), or fresh augmentations of the training images every epoch."""
+    backbone = method.backbone
+    tf = train_transform(backbone.image_size, backbone.image_mean, backbone.image_std, settings.crop_scale)
+    if settings.augment_views and method.inputs == ("image_features",) and not textbook.active():
+        return ViewBatches(train_views(backbone, plan.train, tf, settings, ctx), settings.batch_size, seed, ctx.device)
+    if settings.augment_views and not textbook.active():
+        ctx.log(f"{label}: augment_views applies to methods that read only frozen image features; "
+                "it trains on fresh augmentations")
+    loader = image_loader(plan.train, tf, settings.batch_size, settings, shuffle=True, seed=seed,
+                          unreadable=ctx.unreadable)
+    return ImageBatches(method, loader, ctx.device, settings.precision)
+
+
+def fit(label: str, seed: int, method: PromptMethod, plan, settings: TrainSpec, files: PairFiles,
+        ctx: RunContext) -> tuple[list[dict], int]:
+    """Train ``method`` on the plan's training items: one log entry per epoch, and
+    how many images went through a training step in this process."""
+    optimizer = make_optimizer(optimizer_groups(method), settings)
+    batches = train_batches(label, method, plan, settings, seed, ctx)
+    method.set_classes(plan.classes)
+    method.train()
+    log: list[dict] = []
+    at = Position(0)
+    resumed = files.resume(method, optimizer, batches.generator)
+    if resumed is not None:
+        at, log = resumed
+        where = f"step {at.step} of epoch {at.epoch + 1}" if at.step else f"epoch {at.epoch}"
+        ctx.log(f"{label} seed {seed}: resuming after {where} of {settings.epochs} ({files.state})")
+    task = ctx.progress.start(f"{label} seed {seed}: train", settings.epochs * len(batches))
+    ctx.progress.advance(task, at.epoch * len(batches) + at.step)
+    every = settings.checkpoint_every
+    trained = 0
+    for epoch in range(at.epoch, settings.epochs):
+        started = time.perf_counter()
+        epoch_start = batches.generator.get_state()
+        lr = lr_at(epoch, settings)
+        set_lr(optimizer, lr)
+        step, (total, count, correct, terms) = (at.step, at.sums) if epoch == at.epoch else (0, [0.0, 0, 0, {}])
+        batches.skip = step
+        for batch in batches:
+            labels = batch.labels
+            with autocast(ctx.device, settings.precision):
+                out = forward(method, batch)
+                loss = method.loss(out, batch)
+            check_scores(method, out.logits, batch, len(plan.classes))
+            if not torch.isfinite(loss):
+                raise PairFailed(
+                    f"{label} seed {seed}: the loss became {loss.item()} in epoch {epoch + 1} of {settings.epochs} "
+                    f"at learning rate {lr:g}; try a lower train.lr (the other pairs go on)")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            n = len(labels)
+            trained += n
+            total += loss.item() * n
+            count += n
+            correct += (method.predict(out).argmax(-1) == labels).sum().item()
+            for name, term in out.losses.items():
+                terms[name] = terms.get(name, 0.0) + float(term.detach()) * n
+            ctx.progress.advance(task, 1)
+            step += 1
+            if every and step % every == 0 and step < len(batches):
+                files.save_state(method, optimizer, epoch_start, Position(epoch, step, [total, count, correct, terms]),
+                                 log)
+        method.on_epoch_end(epoch, settings.epochs)
+        metrics = {"epoch": epoch, "lr": lr, "loss": total / max(count, 1),
+                   "train_acc": 100 * correct / max(count, 1), "time_s": time.perf_counter() - started}
+        metrics.update({f"loss.{k}": v / max(count, 1) for k, v in terms.items()})
+        log.append(metrics)
+        files.save(method, epoch)
+        files.save_state(method, optimizer, batches.generator.get_state(), Position(epoch + 1), log)
+        ctx.notify("vlprompt_epoch_end", method=label, seed=seed, epoch=epoch, metrics=metrics)
+    ctx.progress.stop(task)
+    return log, trained

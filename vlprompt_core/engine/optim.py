@@ -1,0 +1,64 @@
+"""What trains and how: the method's trainable tensors, its checked parameter
+groups, the optimiser, and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..api import ContractError, ParamGroup, PromptMethod
+from ..settings import TrainSpec
+
+
+def trainable_parameters(method: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in method.named_parameters() if p.requires_grad}
+
+
+def optimizer_groups(method: PromptMethod) -> list[ParamGroup]:
+    """The method's parameter groups, checked: every trainable parameter exactly once."""
+    groups = method.parameter_groups()
+    trainable = {id(p): n for n, p in trainable_parameters(method).items()}
+    seen: dict[int, int] = {}
+    for g in groups:
+        for p in g.params:
+            if id(p) not in trainable:
+                raise ContractError(f"{type(method).__name__}.parameter_groups() holds a parameter that does not train")
+            seen[id(p)] = seen.get(id(p), 0) + 1
+    missing = [n for i, n in trainable.items() if i not in seen]
+    twice = [trainable[i] for i, k in seen.items() if k > 1]
+    if missing or twice:
+        raise ContractError(
+            f"{type(method).__name__}.parameter_groups() must hold every trainable parameter once "
+            f"(missing: {missing}, more than once: {twice})"
+        )
+    return groups
+
+
+def make_optimizer(groups: list[ParamGroup], settings: TrainSpec) -> torch.optim.Optimizer:
+    params = [
+        {"params": g.params, "lr_scale": g.lr_scale,
+         "weight_decay": settings.weight_decay if g.weight_decay is None else g.weight_decay}
+        for g in groups
+    ]
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def lr_at(epoch: int, settings: TrainSpec) -> float:
+    """The reference schedule: ``warmup_epochs`` at ``warmup_lr``, then cosine from
+    ``lr`` with ``T_max = epochs``, stepped once per epoch (so the first epoch after
+    warm-up runs at the full ``lr`` and the last one not at zero)."""
+    if epoch < settings.warmup_epochs:
+        return settings.warmup_lr
+    if settings.schedule == "constant":
+        return settings.lr
+    t = epoch - settings.warmup_epochs
+    return settings.lr * (1 + math.cos(math.pi * t / settings.epochs)) / 2
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group at ``lr`` times its own ``lr_scale``."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]

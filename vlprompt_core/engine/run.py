@@ -1,0 +1,258 @@
+"""The run: which (method, seed) pairs, in what order, and what is recorded.
+
+For each seed the protocol makes a plan (what trains, what is scored); each method
+section, with its settings resolved (spec > recipe > defaults), is built on the
+frozen backbone, trained (only its own parameters), checkpointed and scored.
+
+Results are keyed by (method section, seed): ``results.json`` is rewritten after
+every pair, so a crash loses at most the pair in flight, and a rerun skips every
+pair whose settings are unchanged, e.g. after one more plug-in is installed under
+``method: all`` only the new method trains.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__, textbook
+from ..api import ContractError, EvalSet, PromptMethod, ProtocolContext
+from ..cost import PeakMemory
+from ..errors import UserError
+from ..features import FeatureStore
+from ..lock import FolderLock
+from ..plugins import Registry
+from ..prompting import text_chunking
+from ..recipes import ResolvedMethod
+from ..results import aggregate, aggregate_cost, markdown_table, package_versions
+from ..settings import TrainSpec
+from ..spec import resolve_methods, spec_hash
+from . import record as rec
+from .checkpoints import PairFiles
+from .context import ProgressReporter, RunContext, resolve_device, set_seed
+from .evaluate import evaluate
+from .faults import PairFailed, PluginError
+from .fit import fit
+from .optim import trainable_parameters
+
+
+@dataclass
+class Engine:
+    """Runs one validated spec (checked with :func:`~vlprompt_core.spec.check_spec`).
+    ``backbone``: a frozen backbone to use instead of building the spec's (tests)."""
+
+    spec: Any
+    registry: Registry
+    progress: ProgressReporter = field(default_factory=ProgressReporter)
+    log: Callable[[str], None] = lambda msg: None
+    backbone: Any = None
+
+    def __post_init__(self):
+        self.output = Path(self.spec.output)
+        self.results_path = self.output / "results.json"
+        self.methods: list[ResolvedMethod] = resolve_methods(self.spec, self.registry)
+        self.ctx = RunContext(self.output, resolve_device(self.spec.train.device), self.registry,
+                              FeatureStore(self.spec.train.feature_cache, log=self.log), self.log, self.progress)
+        self._datasets: dict[str, Any] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.ctx.device
+
+    @property
+    def features(self) -> FeatureStore:
+        return self.ctx.features
+
+    def load_dataset(self, section):
+        key = section.model_dump_json()
+        if key not in self._datasets:
+            entry = self.registry.get("dataset", section.name)
+            self._datasets[key] = self.ctx.plugin_call("dataset", section.name, "load", lambda: entry.load(section))
+        return self._datasets[key]
+
+    def method_labels(self) -> list[str]:
+        return [m.label for m in self.methods]
+
+    def title(self) -> str:
+        s = self.spec
+        return f"{s.protocol.name} on {s.dataset.name} ({s.backbone.name})"
+
+    def evaluate(self, label: str, method: PromptMethod, eval_set: EvalSet, settings: TrainSpec) -> float:
+        """Top-1 accuracy (%) of ``method`` on ``eval_set`` within this run (:func:`.evaluate.evaluate`)."""
+        return evaluate(label, method, eval_set, settings, self.ctx)
+
+    def run(self, checkpoints_from: Path | None = None) -> dict:
+        """Train and score every (method, seed) pair not already done; with
+        ``checkpoints_from`` (a results folder), score the prompts trained there instead
+        of training (``vlprompt eval``)."""
+        import vlprompt_kernels
+
+        choice = self.spec.train.kernels
+        previous = vlprompt_kernels.use_backend(choice) if choice is not None else None
+        try:
+            return self._run(checkpoints_from)
+        finally:
+            if choice is not None:
+                vlprompt_kernels.use_backend(previous)
+
+    def _run(self, checkpoints_from: Path | None) -> dict:
+        spec = self.spec
+        t0 = time.perf_counter()
+        timings: dict[str, float] = {}
+        sources = rec.checkpoint_sources(checkpoints_from) if checkpoints_from is not None else None
+        wanted = {(rec.run_key(m, s, sources), s) for m in self.methods for s in spec.train.seeds}
+        with FolderLock(self.output, log=self.log):
+            runs = rec.previous_runs(self.results_path, wanted, self.log)
+            done = {(r["key"], r["seed"]) for r in runs}
+            distributions = sorted({s.distribution for s in self.registry.sources.values()
+                                    if s.distribution not in ("vlprompt", "?")})
+            data = {
+                "vlprompt": __version__, "status": "running",
+                "spec": spec.model_dump(mode="json"), "spec_hash": spec_hash(spec),
+                "methods": {m.label: m.describe() for m in self.methods},
+                "versions": package_versions(distributions),
+                "device": str(self.device), "runs": runs, "failures": [],
+            }
+            if checkpoints_from is not None:
+                data["checkpoints_from"] = str(checkpoints_from)
+            record = rec.RunRecord(self.results_path, data)
+            try:
+                self._run_pairs(record, done, sources, timings)
+            except KeyboardInterrupt:
+                record.end("interrupted", error="stopped by the user (Ctrl-C)")
+                raise
+            except UserError as exc:
+                record.end("failed", error="; ".join(exc.problems))
+                raise
+            except Exception as exc:
+                record.end("failed", error=f"{type(exc).__name__}: {exc}")
+                raise
+
+            order = {m.label: i for i, m in enumerate(self.methods)}
+            runs.sort(key=lambda r: (order.get(r["method"], len(order)), r["seed"]))
+            timings["total"] = time.perf_counter() - t0
+            record.end("failed" if data["failures"] else "complete", summary=aggregate(runs),
+                       cost=aggregate_cost(runs), time_s=timings, unreadable_images=self.ctx.unreadable.summary())
+            (self.output / "results.md").write_text(markdown_table(data["summary"], self.title(), data["cost"]))
+            self.ctx.notify("vlprompt_run_end", results=data)
+        return data
+
+    def _run_pairs(self, record: rec.RunRecord, done: set, sources: rec.Sources | None,
+                   timings: dict[str, float]) -> None:
+        """Build the backbone, load the data, then train and score every pair not done.
+        A pair whose loss stops being finite, or whose method plug-in fails, is recorded
+        in the record's failures and the other pairs go on."""
+        spec, ctx = self.spec, self.ctx
+        tb = time.perf_counter()
+        record.data["kernels"] = self._kernels()
+        set_seed(spec.train.seeds[0])  # random-weight backbones (tests) are reproducible too
+        backbone = self.backbone
+        if backbone is None:
+            entry = self.registry.get("backbone", spec.backbone.name)
+            backbone = ctx.plugin_call("backbone", spec.backbone.name, "build", lambda: entry.build(spec.backbone))
+        backbone = backbone.to(self.device)
+        for m in self.methods:
+            for capability in getattr(self.registry.get("method", m.name).build, "requires", ()):
+                backbone.require(capability, f"method {m.label!r} ({m.name})")
+        timings["backbone"] = time.perf_counter() - tb
+        td = time.perf_counter()
+        dataset = self.load_dataset(spec.dataset)
+        protocol = self.registry.get("protocol", spec.protocol.name)
+        timings["dataset"] = time.perf_counter() - td
+        ctx.notify("vlprompt_run_start", spec=record.data["spec"])
+
+        for seed in spec.train.seeds:
+            plan = ctx.plugin_call("protocol", spec.protocol.name, f"seed {seed}", lambda: protocol.plan(
+                spec.protocol, ProtocolContext(dataset, seed, self.load_dataset)))
+            rec.save_sample(self.output, seed, plan.sample)
+            for m in self.methods:
+                key = rec.run_key(m, seed, sources)
+                if (key, seed) in done:
+                    self.log(f"{m.label} seed {seed}: already in {self.results_path}, skipped")
+                    record.relabel(key, seed, m.label)
+                    continue
+                source = sources.get((m.label, seed)) if sources is not None else None
+                files = PairFiles.of(self.output, m, seed)
+                try:
+                    result = ctx.plugin_call("method", m.name, f"{m.label} seed {seed}", lambda: self.run_one(
+                        m, seed, backbone, plan, key, files, source, scoring_only=sources is not None))
+                except (PairFailed, PluginError) as exc:
+                    self.log(f"error: {exc}")
+                    record.fail_pair(m.label, seed, str(exc))
+                    continue
+                result["summary"] = protocol.summarize(spec.protocol, result["accuracy"])
+                record.add(result)
+                if result.get("checkpoint"):
+                    files.training_done()
+                ctx.notify("vlprompt_evaluation_done", method=m.label, seed=seed, results=result)
+
+    def _kernels(self) -> dict:
+        """Select the fused-op backend (``train.kernels``, else ``$VLPROMPT_KERNELS``, else
+        auto), say which one runs, once, and return the record for ``results.json``."""
+        import vlprompt_kernels
+
+        info = vlprompt_kernels.backend_info(self.device)
+        if info.get("backend") is None:
+            raise UserError(f"train.kernels: {info.get('error') or 'the Triton kernels cannot run here'}")
+        self.log(f"kernels: {info['backend']} on {info['device']} ({info['reason']})")
+        return info
+
+    def run_one(self, m: ResolvedMethod, seed: int, backbone, plan, key: str, files: PairFiles, source=None,
+                scoring_only: bool = False) -> dict:
+        """Train (or load) and score one (method, seed) pair; its result with what it cost."""
+        with PeakMemory(self.device) as peak:
+            result = self._pair(m, seed, backbone, plan, key, files, source, scoring_only)
+        result["cost"].update(peak_memory_mb=round(peak.mb, 1), memory=peak.kind)
+        return result
+
+    def _pair(self, m: ResolvedMethod, seed: int, backbone, plan, key: str, files: PairFiles, source,
+              scoring_only: bool) -> dict:
+        settings, label = m.train, f"{m.label} seed {seed}"
+        entry = self.registry.get("method", m.name)
+        set_seed(seed)
+        tb = time.perf_counter()
+        method: PromptMethod = entry.build(backbone, plan.classes, m.options).to(self.device)
+        times = {"build": time.perf_counter() - tb}
+        params = trainable_parameters(method)
+        if params and not entry.trains:
+            raise ContractError(f"{type(method).__name__} has trainable parameters ({', '.join(params)}) but its "
+                                f"entry says it does not train (MethodEntry.trains=False)")
+        epochs_log: list[dict] = []
+        trained = 0  # images through a training step in this process
+        checkpoint = None
+        with text_chunking(0 if textbook.active() else settings.text_chunk):
+            tt = time.perf_counter()
+            if scoring_only and params:
+                if source is None:
+                    raise UserError(f"{label}: no trained checkpoint for it in the results folder given")
+                files.load_into(method, source[0])
+                self.log(f"{label}: scoring the prompts of {source[0]}")
+            elif params and settings.epochs > 0:
+                checkpoint = files.checkpoint
+                epochs_log, trained = fit(m.label, seed, method, plan, settings, files, self.ctx)
+            times["train"] = time.perf_counter() - tt
+            te = time.perf_counter()
+            accuracy = {e.name: evaluate(label, method, e, settings, self.ctx) for e in plan.evals}
+            times["eval"] = time.perf_counter() - te
+        times["total"] = sum(times.values())
+        scored = sum(len(e.items) for e in plan.evals)
+        result = {
+            "method": m.label, "name": m.name, "key": key, "seed": seed,
+            "accuracy": accuracy,
+            "checkpoint": str(checkpoint) if checkpoint else None,
+            "epochs": epochs_log,
+            "cost": {
+                "time_s": times,
+                "train_images_per_s": trained / times["train"] if trained else None,
+                "eval_images_per_s": scored / times["eval"] if times["eval"] > 0 else None,
+                "trainable_parameters": sum(p.numel() for p in params.values()),
+            },
+        }
+        if scoring_only and params:
+            result["checkpoint_from"] = str(source[0])
+        return result
