@@ -253,3 +253,16 @@ def test_batch_length():
     assert len(Batch(labels=torch.zeros(5))) == 5
     assert len(Batch(image_features=torch.zeros(3, 2))) == 3
     assert len(Batch()) == 0
+
+
+def test_a_method_whose_entry_says_it_does_not_train_but_has_parameters_fails_its_pair(world, reg, tmp_path):
+    """``MethodEntry.trains=False`` leaves the training settings out of the method's key;
+    a method that says so but has trainable parameters is the plug-in's fault, never
+    trained under settings its key ignores."""
+    entries = {kind: dict(v) for kind, v in reg.entries.items()}
+    entries["method"]["toy_visual"] = dataclasses.replace(entries["method"]["toy_visual"], trains=False)
+    untrained = Registry(entries=entries, sources=reg.sources, failures=reg.failures, pm=reg.pm)
+    record = run(world, untrained, tmp_path, {"name": "toy_visual"})["record"]
+    assert record["status"] == "failed" and not record["runs"]
+    (failure,) = record["failures"]
+    assert "has trainable parameters (prompts)" in failure["error"] and "trains=False" in failure["error"]

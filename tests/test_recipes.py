@@ -138,3 +138,54 @@ def test_resolved_settings_are_stored_and_shown(world, reg, tmp_path):
     console.print(settings_table(resolve_methods(s, reg)))
     text = console.export_text()
     assert "toy_recipe" in text and "epochs 1," in text and "lr 0.1*" in text and "mode='b'*" in text
+
+
+#: Train settings a method that does not train never reads (each changes a trained method's key).
+TRAINING_ONLY = ({"epochs": 30, "lr": 0.5}, {"batch_size": 8, "optimizer": "adamw", "weight_decay": 0.1},
+                 {"momentum": 0.5, "schedule": "constant", "warmup_epochs": 0, "warmup_lr": 0.001},
+                 {"crop_scale": [0.8, 1.0], "augment_views": 4})
+
+
+class Untrained:
+    """A third-party method that declares it does not train."""
+
+    @staticmethod
+    def plugin():
+        from toy_methods import ToyRecipeMethod
+        from vlprompt_core import hookimpl
+        from vlprompt_core.api import MethodEntry
+
+        class Plugin:
+            @hookimpl
+            def vlprompt_methods(self):
+                return [MethodEntry("frozen_toy", RecipeOptions, ToyRecipeMethod, "scores without training",
+                                    trains=False)]
+        return Plugin()
+
+
+def test_a_method_that_does_not_train_is_keyed_without_the_train_settings_it_never_reads(world, reg):
+    def key(method: dict, registry=reg, **train) -> str:
+        (m,) = resolve_methods(spec(world, registry, method, train={"seeds": [1], **train}), registry)
+        return m.key
+
+    def check(method: dict, registry) -> None:
+        plain = key(method, registry)
+        for train in TRAINING_ONLY:
+            assert key(method, registry, **train) == plain, train
+        # what can still change its scores keeps it apart
+        assert key(method, registry, precision="fp32") != key(method, registry, precision="bf16")
+        assert key(method, registry, seeds=[1, 2, 3]) == plain  # as for every method
+
+    check({"name": "zeroshot"}, reg)
+    assert key({"name": "zeroshot", "templates": "ensemble"}) != key({"name": "zeroshot"})
+    for train in TRAINING_ONLY:  # a method that trains: each of them counts
+        assert key({"name": "coop"}, **train) != key({"name": "coop"}), train
+    # the entry says so, not the core: any method may
+    assert reg.get("method", "zeroshot").trains is False and reg.get("method", "coop").trains is True
+    frozen = build_registry(*make_plugin_manager(extra=(("toys", Plugin()), ("frozen", Untrained.plugin()))))
+    check({"name": "frozen_toy"}, frozen)
+    # of the keyed train settings, an untrained method keeps only what scoring reads
+    # (a new train field must be placed: it is in every key until named training-only)
+    from vlprompt_core import recipes
+
+    assert set(TrainSpec.model_fields) - recipes._NOT_IN_KEY - recipes._TRAINING_ONLY == {"precision"}

@@ -41,4 +41,5 @@ class ZeroShotCLIP(PromptMethod):
 
 @hookimpl
 def vlprompt_methods() -> list[MethodEntry]:
-    return [MethodEntry("zeroshot", ZeroShotOptions, ZeroShotCLIP, "zero-shot CLIP with hand-written prompts")]
+    return [MethodEntry("zeroshot", ZeroShotOptions, ZeroShotCLIP, "zero-shot CLIP with hand-written prompts",
+                        trains=False)]
