@@ -15,10 +15,12 @@ import yaml
 
 
 def vlprompt(*args: str, env_extra: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", **(env_extra or {}))
+    """``vlprompt ARGS`` as in CI: output to pipes, no terminal size set (``COLUMNS``)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    env.update(HF_HUB_OFFLINE="1", **(env_extra or {}))
     return subprocess.run(
         [sys.executable, "-m", "vlprompt_core.cli", *args],
-        capture_output=True, text=True, env=env, cwd=cwd, timeout=300,
+        capture_output=True, text=True, env=env, cwd=cwd,
     )
 
 
@@ -85,6 +87,10 @@ def test_each_protocol_runs_end_to_end(protocol, world, tmp_path):
     for label in ("zeroshot", "coop"):
         row = next(line for line in proc.stdout.splitlines() if f" {label} " in line)
         assert re.search(r"\d+\.\d s .* [\d,]+ MB", row), row
+        # not a terminal (a log): the table whole, each row on one line, no cell wrapped
+        assert len(re.findall(r"\d+\.\d\d ± \d+\.\d\d", row)) == len(metrics), proc.stdout
+    table = proc.stdout.split("results: ", 1)[0]
+    assert len([line for line in table.splitlines() if "±" in line and "mean ± std" not in line]) == 2, table
     assert all((tmp_path / "out" / r["checkpoint"]).is_file() for r in coop_runs)
     fewshot = json.loads((tmp_path / "out" / "fewshot" / "seed1.json").read_text())
     assert len(fewshot["train"]) == 6 * 2  # 2 shots x 6 classes, saved with the run
@@ -92,6 +98,26 @@ def test_each_protocol_runs_end_to_end(protocol, world, tmp_path):
         for r in results["runs"]:
             b, n = r["accuracy"]["base"], r["accuracy"]["novel"]
             assert r["summary"]["H"] == pytest.approx(0 if b + n == 0 else 2 * b * n / (b + n))
+
+
+def test_the_run_table_is_printed_whole_in_a_log(world, tmp_path):
+    """Wider than 80 columns, written to a pipe with no terminal size known (CI, ``> log``):
+    the table at the width it needs, every row on one line."""
+    labels = ["zero-shot CLIP, the dataset's template", "zero-shot CLIP, the prompt ensemble"]
+    spec = write_spec(tmp_path / "spec.yaml", world, {"name": "base2novel", "shots": 2},
+                      method=[{"name": "zeroshot", "label": labels[0]},
+                              {"name": "zeroshot", "label": labels[1], "templates": "ensemble"}])
+    proc = vlprompt("run", str(spec), env_extra={"VLPROMPT_DATASETS_SPEC": str(world["specs"])})
+    assert proc.returncode == 0, proc.stderr
+    table = proc.stdout.split("results: ", 1)[0]
+    for label in labels:
+        rows = [line for line in table.splitlines() if label in line]
+        assert len(rows) == 1, table
+        row = rows[0]
+        assert len(re.findall(r"\d+\.\d\d ± \d+\.\d\d", row)) == 3, table  # base, novel, H
+        assert re.search(r"\d+\.\d s .* [\d,]+ MB", row), table
+    assert len([line for line in table.splitlines() if "±" in line and "mean ± std" not in line]) == 2, table
+    assert max(len(line) for line in table.splitlines()) > 80  # not squeezed into 80 columns
 
 
 def test_bad_spec_gives_one_line_per_problem_and_exit_2(world, tmp_path):
@@ -200,3 +226,29 @@ def test_validate_prints_the_resolved_settings(world, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "epochs 50*" in proc.stdout  # CoOp's recipe at 1 shot
     assert "n_ctx=2" in proc.stdout and proc.stdout.rstrip().endswith(f"{spec}: ok")
+
+
+def _commands(command, path=()):
+    """``(path, click command)`` of the CLI, groups included."""
+    yield path, command
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _commands(sub, (*path, name))
+
+
+def test_help_texts_are_whole_paragraphs():
+    """Hard-wrapped docstrings are reflowed: on a wide terminal every paragraph of a
+    command's help is one line, in its own --help and in its group's command list."""
+    import typer.main
+    from typer.testing import CliRunner
+
+    from vlprompt_core.cli import app
+
+    paragraphs = lambda text: [" ".join(p.split()) for p in (text or "").split("\n\n") if p.strip()]  # noqa: E731
+    for path, command in _commands(typer.main.get_command(app)):
+        result = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "400"})
+        assert result.exit_code == 0, result.output
+        lines = result.stdout.splitlines()
+        wanted = paragraphs(command.help)
+        wanted += [paragraphs(sub.help)[0] for sub in getattr(command, "commands", {}).values()]
+        for text in wanted:
+            assert any(text in line for line in lines), (path, text, [line.rstrip() for line in lines])

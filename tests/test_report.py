@@ -276,3 +276,63 @@ def test_shipped_published_numbers_load_and_name_known_datasets(method):
         if len(p.metrics) == 3:  # H as printed is the harmonic mean of base and novel, to rounding
             b, n = p.metrics["base"], p.metrics["novel"]
             assert p.metrics["H"] == pytest.approx(2 * b * n / (b + n), abs=0.006)
+
+
+def write_results(folder: Path, *runs: dict) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps(record({"name": "few_shot", "shots": 16}, "dtd", list(runs))))
+    return folder
+
+
+KGCOOP_A = [pair("kgcoop", s, {"accuracy": acc}, key="lr0.002") for s, acc in ((1, 60.0), (2, 62.0), (3, 64.0))]
+KGCOOP_B = [pair("kgcoop", s, {"accuracy": acc}, key="recipe") for s, acc in ((1, 70.0), (2, 72.0), (3, 74.0))]
+
+
+def kgcoop_rows(out: Path) -> dict[str, dict[str, str]]:
+    return {label: r for label, r in read_csv(out / "tables" / "few_shot-ViT-B-16-16shots.csv").items()
+            if label.startswith("kgcoop")}
+
+
+def test_folders_given_with_results_inside_keep_settings_apart(tmp_path):
+    a = write_results(tmp_path / "runs" / "kgcoop_30ep", *KGCOOP_A)
+    b = write_results(tmp_path / "runs" / "kgcoop_recipe", *KGCOOP_B)
+    result = report(str(a), str(b), "-o", str(tmp_path / "report"))
+    assert result.exit_code == 0, result.output
+    rows = kgcoop_rows(tmp_path / "report")
+    # one row per settings key, named by the folder given (nothing relative to it is left)
+    assert {label: float(r["dtd mean"]) for label, r in rows.items()} == {
+        "kgcoop [kgcoop_30ep]": 62.0, "kgcoop [kgcoop_recipe]": 72.0}
+    parent = report(str(tmp_path / "runs"), "-o", str(tmp_path / "parent"))  # the same study, given by its parent
+    assert parent.exit_code == 0, parent.output
+    assert {label: float(r["dtd mean"]) for label, r in kgcoop_rows(tmp_path / "parent").items()} == {
+        "kgcoop [kgcoop_30ep]": 62.0, "kgcoop [kgcoop_recipe]": 72.0}
+
+
+def test_rows_of_different_settings_are_never_pooled_whatever_their_names(tmp_path):
+    a = write_results(tmp_path / "first" / "out", *KGCOOP_A)  # the same folder name twice
+    b = write_results(tmp_path / "second" / "out", *KGCOOP_B,
+                      pair("kgcoop [out]", 1, {"accuracy": 10.0}, key="other"))  # a label like a generated row
+    result = report(str(a), str(b), "-o", str(tmp_path / "report"))
+    assert result.exit_code == 0, result.output
+    rows = kgcoop_rows(tmp_path / "report")
+    assert len(rows) == 3, list(rows)
+    assert sorted(float(r["dtd mean"]) for r in rows.values()) == [10.0, 62.0, 72.0]
+    assert all(r["dtd std"] in ("", repr(mean_std([0.0, 2.0, 4.0])["std"])) for r in rows.values())
+    assert not any("[]" in label for label in rows)
+
+
+def test_two_studies_share_one_zero_shot_row(registry, world, tmp_path):
+    for folder, seed, train in (("study_a", 1, {"epochs": 30, "lr": 0.002}), ("study_b", 2, {"epochs": 5, "lr": 0.1})):
+        spec = validate_spec({
+            "backbone": {"name": "open_clip", "model": str(world["config"]), "pretrained": None},
+            "method": [{"name": "zeroshot"}], "dataset": {"name": "toy", "root": str(world["data"])},
+            "protocol": {"name": "few_shot", "shots": 1}, "train": {**train, "batch_size": 4, "seeds": [seed]},
+            "output": str(tmp_path / folder),
+        }, registry)
+        Engine(spec, registry).run()
+    result = report(str(tmp_path / "study_a"), str(tmp_path / "study_b"), "-o", str(tmp_path / "report"))
+    assert result.exit_code == 0, result.output
+    rows = read_csv(tmp_path / "report" / "tables" / "few_shot-tiny_test-1shots.csv")
+    assert list(rows) == ["zeroshot"]  # the training settings of each study do not apply to it
+    expected = mean_std(accuracies(tmp_path / "study_a", tmp_path / "study_b", label="zeroshot"))
+    assert float(rows["zeroshot"]["toy mean"]) == pytest.approx(expected["mean"]) and expected["n"] == 2

@@ -1,0 +1,101 @@
+"""``vlprompt run``, ``vlprompt eval`` and ``vlprompt validate``: one run spec,
+trained and scored, scored only, or checked."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import typer
+from rich.text import Text
+
+from ..errors import UserError
+from .common import _bars, _fail, _one_line, _print_whole, _registry, _reporter, app, err, out
+
+
+def _prepare(spec: Path, output: Path | None):
+    """Load, validate and check a spec (everything that can be told before running)."""
+    from ..spec import check_spec, load_spec
+
+    reg = _registry()
+    run_spec = load_spec(spec, reg)
+    if output is not None:
+        run_spec.output = output
+    check_spec(run_spec, reg, str(spec))
+    return reg, run_spec
+
+
+def _execute(spec: Path, output: Path | None, checkpoints_from: Path | None = None):
+    from ..engine import Engine, PluginError
+    from ..results import results_table, settings_table
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    run_spec = None
+    try:
+        reg, run_spec = _prepare(spec, output)
+        with _bars() as bars:
+            engine = Engine(run_spec, reg, _reporter(bars), log=lambda m: err.print(Text(m), soft_wrap=True))
+            err.print(settings_table(engine.methods))
+            record = engine.run(checkpoints_from=checkpoints_from)
+    except UserError as exc:
+        _fail(exc)
+    except PluginError as exc:
+        err.print(Text.assemble(("error:", "red"), " ", _one_line(str(exc))), soft_wrap=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        where = run_spec.output if run_spec is not None else "the results folder"
+        err.print(f"interrupted: every finished epoch is saved in {where}; run the same command again to continue "
+                  "from the last one", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+    _print_whole(out, results_table(record["summary"], engine.title(), record["cost"]))
+    out.print(f"results: {engine.results_path}  ({record['time_s']['total']:.1f} s)", highlight=False)
+    if record["failures"]:
+        for f in record["failures"]:
+            err.print(Text.assemble(("failed:", "red"), " ", _one_line(f["error"])), soft_wrap=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def run(spec: Path = typer.Argument(..., help="run spec (YAML)"),
+        output: Path = typer.Option(None, "--output", "-o", help="results folder (overrides the spec)")):
+    """Train and evaluate what SPEC describes; write results.json and print the table.
+
+    Pairs (method, seed) already in the results folder with the same settings are skipped."""
+    _execute(spec, output)
+
+
+@app.command("eval")
+def eval_(spec: Path = typer.Argument(..., help="run spec (YAML)"),
+          checkpoints: Path = typer.Option(None, "--from", help="results folder whose trained prompts are "
+                                           "scored (default: the spec's own output folder)"),
+          output: Path = typer.Option(None, "--output", "-o", help="results folder (overrides the spec)")):
+    """Score prompts trained earlier, without training: the protocol, targets and
+    classes are SPEC's, the prompts those trained under the same method labels and
+    seeds in the --from folder. Results go to the spec's output folder, or to
+    <folder>/eval when that is the --from folder itself."""
+    from ..spec import load_spec
+
+    try:
+        own = Path(load_spec(spec, _registry()).output)
+    except UserError as exc:
+        _fail(exc)
+    checkpoints = checkpoints or own
+    if output is None and checkpoints.resolve() == own.resolve():
+        output = own / "eval"
+    _execute(spec, output, checkpoints_from=checkpoints)
+
+
+@app.command()
+def validate(spec: Path = typer.Argument(..., help="run spec (YAML)")):
+    """Check SPEC without running it: one line per problem, exit code 2 if any;
+    then show each method's resolved settings."""
+    from ..spec import resolve_methods
+    from ..results import settings_table
+
+    try:
+        reg, run_spec = _prepare(spec, None)
+        methods = resolve_methods(run_spec, reg)
+    except UserError as exc:
+        _fail(exc)
+    out.print(settings_table(methods))
+    out.print(Text(f"{spec}: ok"), soft_wrap=True)
