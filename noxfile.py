@@ -19,10 +19,14 @@ def install(session: nox.Session) -> None:
     session.install("-ekernels", "-e.[test]", *plugins)
 
 
+#: as scripts/test.sh: in parallel, a module's (or test class's) tests on one worker
+PARALLEL = ["-n", "auto", "--maxprocesses", "4", "--dist", "loadscope"]
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
     install(session)
-    session.run("pytest", *session.posargs, env=ENV)
+    session.run("pytest", *PARALLEL, *session.posargs, env=ENV)
 
 
 @nox.session

@@ -20,7 +20,12 @@ Sections (``--sections``, all by default):
 * ``cocoop``  a CoCoOp training step at batch 32 against the per-image loop;
 * ``run``     a whole ``method: all`` base-to-novel run (synthetic dataset), wall time.
 
-    python benchmarks/engine.py --smoke              # CI: tiny CLIP, a few seconds per section
+``--smoke`` checks the machinery, not the figures: every section runs its code on the
+tiny CLIP with small shapes, ``equal`` and ``views`` on a small synthetic dataset (8
+classes, 4 training and 2 test images each) instead of the embedded one, and ``run``
+with CoOp and BPL (BPL's textbook pairs estimated) over 2 seeds.
+
+    python benchmarks/engine.py --smoke              # CI: every section, tiny CLIP, tiny data (seconds)
     python benchmarks/engine.py                      # tiny CLIP and ViT-B/16-sized, 100/500/1000 classes
     python benchmarks/engine.py --sections steps --classes 500 --json out.json
 """
@@ -149,6 +154,16 @@ def write_images(folder: Path, names: list[str], per_class: int, size: int = 64,
     return items
 
 
+def small_dataset(folder: Path, n_classes: int = 8, train: int = 4, test: int = 2) -> dict:
+    """``--smoke``: a synthetic ``folder`` dataset of ``n_classes`` classes, ``train``
+    training, one validation and ``test`` test images per class (32 px); its ``dataset:``
+    section."""
+    names = class_names(n_classes)
+    for split, per_class in (("train", train), ("val", 1), ("test", test)):
+        write_images(folder / split, names, per_class, size=32, seed=len(split))
+    return {"name": "folder", "path": str(folder)}
+
+
 def make_engine(backbone_section: dict, output: Path, **train) -> Engine:
     spec = validate_spec({
         "backbone": backbone_section, "method": {"name": "coop"},
@@ -209,10 +224,11 @@ def section_equal(args, device, out: dict) -> None:
 
     accuracies = {}
     with tempfile.TemporaryDirectory() as tmp:
+        dataset = small_dataset(Path(tmp) / "data") if args.smoke else {"name": "embedded_objects_closeup"}
         for m, chunk in (("textbook", 0), ("engine", 0), ("engine", 3)):
             spec = validate_spec({
                 "backbone": TINY, "method": [{"name": "coop"}, {"name": "cocoop"}],
-                "dataset": {"name": "embedded_objects_closeup"},
+                "dataset": dataset,
                 "protocol": {"name": "base2novel", "shots": 4 if args.smoke else 16},
                 "train": {"epochs": 1 if args.smoke else 4, "batch_size": 16, "crop_scale": [0.8, 1.0],
                           "seeds": [1], "text_chunk": chunk},
@@ -319,16 +335,20 @@ def _run(spec: dict, tmp: str, tag: str, textbook_on: bool = False) -> tuple[dic
 
 def section_views(args, device, out: dict) -> None:
     """augment_views against exact training: on the embedded base-to-novel task (the
-    tiny CLIP, 32-px images), and, unless ``--smoke``, on a synthetic 50-class task with
-    the ViT-B/16-sized model, where the frozen image pass is most of an exact step."""
+    tiny CLIP, 32-px images; ``--smoke``: the small synthetic dataset), and, unless
+    ``--smoke``, on a synthetic 50-class task with the ViT-B/16-sized model, where the
+    frozen image pass is most of an exact step."""
     epochs = 2 if args.smoke else 10
-    tiny = {
-        "backbone": TINY, "method": [{"name": "coop"}, {"name": "cocoop"}],
-        "dataset": {"name": "embedded_objects_closeup"}, "protocol": {"name": "base2novel", "shots": 16},
-        "train": {"epochs": epochs, "batch_size": 32, "crop_scale": [0.8, 1.0],
-                  "seeds": [1] if args.smoke else [1, 2, 3]},
-    }
-    out["views"] = _views(args, tiny, epochs, "embedded world, tiny CLIP")
+    with tempfile.TemporaryDirectory() as data:
+        tiny = {
+            "backbone": TINY, "method": [{"name": "coop"}, {"name": "cocoop"}],
+            "dataset": small_dataset(Path(data)) if args.smoke else {"name": "embedded_objects_closeup"},
+            "protocol": {"name": "base2novel", "shots": 4 if args.smoke else 16},
+            "train": {"epochs": epochs, "batch_size": 32, "crop_scale": [0.8, 1.0],
+                      "seeds": [1] if args.smoke else [1, 2, 3]},
+        }
+        title = "synthetic 8 classes, tiny CLIP" if args.smoke else "embedded world, tiny CLIP"
+        out["views"] = _views(args, tiny, epochs, title)
     if not args.smoke:
         with tempfile.TemporaryDirectory() as data:
             names = class_names(50)
@@ -403,7 +423,7 @@ def section_run(args, device, out: dict) -> None:
     time checks the estimate."""
     section = TINY if args.smoke or args.run_model == "tiny" else VIT_B16
     n_classes = 10 if args.smoke else args.run_classes
-    run_methods = "all" if args.smoke else args.run_methods
+    run_methods = args.run_methods
     estimated = [m for m in args.run_estimate.split(",") if m]
     with tempfile.TemporaryDirectory() as tmp:
         names = class_names(n_classes)
@@ -536,8 +556,10 @@ def main(argv=None) -> dict:
     args.classes = [int(c) for c in args.classes.split(",")]
     args.views = [int(k) for k in args.views.split(",")]
     if args.smoke:
-        args.steps, args.eval_images, args.cache_images, args.views = 1, 16, 40, [2]
-        args.run_estimate, args.run_estimate_steps = "bpl", 1  # the estimate runs too
+        args.steps, args.eval_images, args.cache_images, args.views, args.batch = 1, 16, 40, [2], 8
+        # the run: a method run whole in both modes, and one estimated in textbook mode
+        args.run_methods, args.run_seeds = "coop,bpl", 2
+        args.run_estimate, args.run_estimate_steps = "bpl", 1
     device = torch.device(args.device)
     set_seed(0)
     print(f"device {device} ({torch.get_num_threads()} threads), torch {torch.__version__}", flush=True)

@@ -1,4 +1,11 @@
-"""Shared fixtures: offline, a tiny random open_clip model and a generated dataset."""
+"""Shared fixtures: offline, a tiny random open_clip model and a generated dataset.
+
+And the suite's settings (this file is loaded first, for ``kernels/tests`` and
+``plugins`` too): one torch thread per process, so that parallel workers (``-n``,
+``scripts/test.sh``) and a busy machine do not oversubscribe the cores (the tiny
+models gain nothing from threads), subprocesses included; hypothesis without a
+deadline (an example's time depends on the machine, never its outcome); no terminal
+size in the environment; the ``slow`` mark on the method contract's end-to-end tests."""
 
 from __future__ import annotations
 
@@ -7,12 +14,36 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported; inherited by subprocesses
+# No terminal size: pytest imports readline (its capture plugin), which exports LINES and
+# COLUMNS (80 x 24 without a terminal) to processes started later, parallel workers
+# included; a console made at import would keep that width.
+for _name in ("COLUMNS", "LINES"):
+    os.environ.pop(_name, None)
+    os.unsetenv(_name)
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
-from vlprompt_core.testing import make_world, tiny_backbone as _tiny_backbone  # noqa: E402
+from vlprompt_core.testing import MethodContract, make_world, tiny_backbone as _tiny_backbone  # noqa: E402
 
 pytest_plugins = ["pytester"]
+
+if os.environ["OMP_NUM_THREADS"].isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # also where torch was imported earlier
+settings.register_profile("vlprompt", deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "vlprompt"))
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects
+def pytest_collection_modifyitems(config, items):
+    """The method contract's end-to-end tests (whole runs through the engine, for each
+    plug-in and case) are ``slow``; its checks of the built method are not."""
+    for item in items:
+        cls = getattr(item, "cls", None)
+        if cls is not None and issubclass(cls, MethodContract) and item.originalname in MethodContract.END_TO_END:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -50,6 +50,7 @@ PROTOCOLS = {
 }
 
 
+@pytest.mark.slow  # `vlprompt run` in a subprocess, two methods, two seeds
 @pytest.mark.parametrize("protocol", list(PROTOCOLS))
 def test_each_protocol_runs_end_to_end(protocol, world, tmp_path):
     make, metrics = PROTOCOLS[protocol]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import textwrap
 
+import pytest
+
 from vlprompt_core.testing import Case, MethodContract
 
 
@@ -85,6 +87,7 @@ class TestIgnoresNewClasses(MethodContract):
 '''
 
 
+@pytest.mark.slow  # the whole battery, engine runs included, for three toy methods
 def test_broken_methods_fail_the_contract(pytester):
     pytester.makepyfile(test_broken=textwrap.dedent(BROKEN))
     result = pytester.runpytest("-q", "-p", "no:cacheprovider", "-W", "ignore")

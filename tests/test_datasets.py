@@ -530,6 +530,7 @@ def _run_spec(world, output, dataset, protocol, method, **train):
     }
 
 
+@pytest.mark.slow  # whole runs on fake ImageNet and its variants
 def test_cross_dataset_and_domain_generalisation_from_a_fake_imagenet(world, fakes, tmp_path):
     custom = tmp_path / "my_shapes"
     for i, c in enumerate(("circle", "square", "star")):

@@ -178,11 +178,10 @@ def test_spec_matches_task(task):
 
 @pytest.fixture(scope="module")
 def tiny_clip():
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     open_clip = pytest.importorskip("open_clip")
     from vlprompt_core.embedded import pretrain
 
-    torch.set_num_threads(2)
     pretrain.register_config()
     weights = pretrain.weights_path()
     model = open_clip.create_model(pretrain.MODEL_NAME, pretrained=str(weights)).eval()

@@ -33,7 +33,7 @@ def fresh(tmp_path_factory):
         if "vlprompt_plugin_" not in entry.name and "vlprompt-plugin-" not in entry.name:
             (filtered / entry.name).symlink_to(entry)
     env_dir = tmp / "env"
-    venv.EnvBuilder(with_pip=True).create(env_dir)
+    venv.EnvBuilder(with_pip=False).create(env_dir)  # pip: this environment's, through the .pth below
     py = env_dir / "bin" / "python"
     purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                              capture_output=True, text=True, check=True).stdout.strip()
@@ -56,6 +56,7 @@ def pip(fresh, *args):
                    capture_output=True, env=fresh["env"])
 
 
+@pytest.mark.slow  # wheels built, an environment made
 def test_each_plugin_builds_a_wheel_with_its_entry_point(fresh):
     assert len(fresh["wheels"]) == len(PLUGINS) >= 6
     for wheel in fresh["wheels"]:
@@ -65,6 +66,7 @@ def test_each_plugin_builds_a_wheel_with_its_entry_point(fresh):
         assert "[vlprompt]" in entry_points and "Requires-Dist: vlprompt>=0.1" in meta, wheel.name
 
 
+@pytest.mark.slow  # wheels built, an environment made
 def test_installing_adds_the_method_and_uninstalling_removes_it(fresh):
     before = listed(fresh)
     assert set(before) == {"zeroshot"}  # the built-in baseline only

@@ -10,6 +10,7 @@ import os
 import textwrap
 from pathlib import Path
 
+import pytest
 from test_cli import vlprompt, write_spec
 
 THIRD_PARTY = '''
@@ -80,6 +81,7 @@ def env_with(site: Path, world) -> dict:
             "VLPROMPT_DATASETS_SPEC": str(world["specs"])}
 
 
+@pytest.mark.slow  # a fake distribution installed, then `vlprompt list` and `vlprompt run` in subprocesses
 def test_third_party_method_is_listed_and_runs(world, tmp_path):
     site = tmp_path / "site"
     site.mkdir()

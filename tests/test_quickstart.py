@@ -41,15 +41,18 @@ def test_quickstart_runs_every_installed_method():
     assert sorted(m.name for m in spec.method) == reg.names("method")
 
 
+@pytest.mark.slow  # a shipped spec run (seed 1)
 def test_quickstart_reports_base_novel_and_h(quickstart_seed1):
     assert list(quickstart_seed1["summary"]["zeroshot"]) == ["base", "novel", "H"]
 
 
+@pytest.mark.slow  # a shipped spec run (seed 1)
 def test_zero_shot_is_well_above_chance_on_both_halves(quickstart_seed1):
     zs = quickstart_seed1["summary"]["zeroshot"]
     assert zs["base"]["mean"] >= 3 * CHANCE and zs["novel"]["mean"] >= 3 * CHANCE
 
 
+@pytest.mark.slow  # a shipped spec run (seed 1)
 def test_coop_learns_the_base_classes_and_over_fits_them(quickstart_seed1):
     """As on the real benchmarks: CoOp gains on base classes and loses on novel ones."""
     s = quickstart_seed1["summary"]
@@ -57,6 +60,7 @@ def test_coop_learns_the_base_classes_and_over_fits_them(quickstart_seed1):
     assert s["coop"]["novel"]["mean"] <= s["zeroshot"]["novel"]["mean"] - 10
 
 
+@pytest.mark.slow  # a shipped spec run (seed 1)
 def test_coop_numbers_on_the_first_quickstart_are_unchanged(tmp_path_factory):
     """examples/objects_base2novel.yaml was the quickstart before the method contract was
     reworked; its seed-1 results then were zero-shot 72.25 / 68.00 and CoOp 93.00 / 91.25

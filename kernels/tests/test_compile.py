@@ -91,7 +91,7 @@ def test_every_launched_kernel_compiles_for_sm90():
     env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")])
     result = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(SCRIPT)],
-        check=False, capture_output=True, text=True, env=env, timeout=300,
+        check=False, capture_output=True, text=True, env=env,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     import json

@@ -204,7 +204,7 @@ def run_python(code: str, **env) -> subprocess.CompletedProcess:
     full_env.update(env)
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
-        check=False, capture_output=True, text=True, env=full_env, timeout=120,
+        check=False, capture_output=True, text=True, env=full_env,
     )
 
 

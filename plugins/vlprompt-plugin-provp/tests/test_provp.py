@@ -160,7 +160,7 @@ def test_a_resnet_backbone_is_one_clear_line(tmp_path):
     }))
     env = dict(os.environ, HF_HUB_OFFLINE="1", VLPROMPT_DATASETS_SPEC=str(world["specs"]))
     proc = subprocess.run([sys.executable, "-m", "vlprompt_core.cli", "run", str(spec)], capture_output=True,
-                          text=True, env=env, timeout=300)
+                          text=True, env=env)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: method 'provp' (provp) needs a ViT image tower (visual prompts go into its blocks); "
