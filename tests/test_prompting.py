@@ -112,7 +112,7 @@ def test_chunked_encoding_gives_the_same_features_and_gradients(bb, chunk):
 
 
 def test_table_rejects_prompts_longer_than_the_context(bb):
-    with pytest.raises(UserError, match="exceed the context length"):
+    with pytest.raises(UserError, match=r"class '.*': its prompt .* is \d+ tokens, over the backbone's text context"):
         PromptTable(bb, NAMES, PromptTemplate.with_context(bb.context_length))
 
 

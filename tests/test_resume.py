@@ -86,7 +86,8 @@ def test_a_new_label_reuses_the_result(world, registry, tmp_path):
     run(registry, spec_data(world, out, {"name": "coop", "n_ctx": 2}))
     logs: list[str] = []
     again = run(registry, spec_data(world, out, {"name": "coop", "n_ctx": 2, "label": "mine"}), logs)
-    assert logs == [f"mine seed 1: already in {out / 'results.json'}, skipped"]
+    assert logs[1:] == [f"mine seed 1: already in {out / 'results.json'}, skipped"]
+    assert "held results now kept under new labels: moved to" in logs[0]  # the earlier record stays as it was
     assert [r["method"] for r in again["runs"]] == ["mine"] and list(again["summary"]) == ["mine"]
 
 

@@ -23,8 +23,9 @@ from .builtin.spec_datasets import (
     spec_where,
 )
 from .builtin.spec_files import DatasetSpecFile
-from .data import SPLITS, Unreadable, default_data_root, read_rgb
+from .data import SPLITS, Unreadable, alike_names, dataset_problems, default_data_root, read_rgb
 from .errors import UserError
+from .prompting import TemplateChoice, handwritten_length_problem, templates_for
 
 #: Missing or unreadable files named in a problem line.
 SHOWN = 3
@@ -171,11 +172,19 @@ def _sample(items: list[Item], k: int) -> list[Item]:
 
 def check_images(ds: DatasetSplits, report: Report, sample: int, base: Path | None = None,
                  sizes: dict[str, int] | None = None, where: str = "the dataset") -> None:
-    """Counts per split, every image present, a sample decodable, every class with images."""
+    """Counts per split, every image present, a sample decodable, and what every dataset
+    must be (:func:`~vlprompt_core.data.dataset_problems`: two classes or more, each
+    with images) when its layout had no problem that explains otherwise."""
     everything = ds.train + ds.val + ds.test
     seen = {it.label for it in everything}
-    empty = [ds.classes.names[i] for i in range(len(ds.classes)) if i not in seen]
+    names = ds.classes.names
+    empty = [names[i] for i in range(len(ds.classes)) if i not in seen]
     report.lines.append(f"  classes   {len(ds.classes)}" + (f", {len(empty)} without images" if empty else ""))
+    if not report.problems:
+        report.problems += dataset_problems(ds)
+    for group in alike_names(names):  # a spec file's or plug-in's class list, taken as written
+        report.lines.append(f"  note      classes {' and '.join(f'{names[i]!r} (label {i})' for i in group)} read the "
+                            "same in a prompt; kept as the dataset's class list gives them")
     for split in SPLITS:
         items = getattr(ds, split)
         published = f"  (published: {_n(sizes[split])})" if sizes and split in sizes else ""
@@ -248,9 +257,42 @@ def check_loaded(name: str, load, section, sample: int = 32) -> Report:
     base = getattr(section, "path", None)
     base = base if base is None or base.is_dir() else base.parent
     check_images(ds, report, sample, base=base, where="the dataset")
-    if len(ds.classes) < 2:
-        report.problems.append(f"{ds.name}: {len(ds.classes)} class; a classifier needs at least 2")
     return report
+
+
+def prompt_problems(registry, backbone, sections: list[tuple[str, Any]], methods: list) -> list[str]:
+    """``vlprompt validate`` and ``vlprompt data check SPEC``: each class name alone, and
+    the hand-written prompts the methods make (their options typed
+    :data:`~vlprompt_core.prompting.TemplateChoice`, e.g. zero-shot's ``templates``),
+    fit the backbone's text context, as its entry tells without loading weights
+    (``text_context``); one line per dataset section (``(where, section)``) where one
+    does not (:func:`~vlprompt_core.prompting.prompt_length_problem`). Prompts with
+    learned context vectors are checked as their method is built."""
+    entry = registry.get("backbone", backbone.name)
+    try:
+        told = entry.text_context(backbone) if entry.text_context is not None else None
+    except (UserError, OSError):
+        told = None  # the backbone's check says why
+    if told is None:
+        return []
+    count, context = told
+    choices = [(f"method {m.label} ({field}): ", getattr(m.options, field)) for m in methods
+               for field, info in type(m.options).model_fields.items() if info.annotation == TemplateChoice]
+    problems = []
+    for where, section in sections:
+        dataset = registry.get("dataset", section.name)
+        try:
+            classes = dataset.classes(section) if dataset.classes is not None else None
+        except (UserError, OSError):
+            classes = None  # the dataset's check says why
+        if classes is None:
+            continue
+        for who, choice in [("", ["{}"]), *choices]:
+            line = handwritten_length_problem(classes.names, templates_for(choice, classes), count, context)
+            if line:
+                problems.append(f"{where}: {who}{line}")
+                break
+    return problems
 
 
 def check_section(registry, section, sample: int = 32) -> Report:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import concurrent.futures as cf
 import multiprocessing
 import os
+import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,8 +21,9 @@ from typing import Any
 
 import torch
 
-from .engine import Engine, PluginError, ProgressReporter, log_traceback
-from .errors import UserError
+from .engine import Engine, PluginError, ProgressReporter, interruption, log_traceback
+from .engine.faults import armed, catch_stop_signals
+from .errors import UserError, os_error, storage_problem
 from .plugins import get_registry
 from .spec import check_spec, validate_spec
 from .sweep import Outcome, Run
@@ -34,7 +37,7 @@ OnDone = Callable[[Run, Outcome], None]
 def execute_run(data: dict, cwd: str | None = None, threads: int | None = None, progress=None) -> dict:
     """Run one validated spec (as plain data) to the end in this process and say how
     it ended (an :class:`Outcome` as a dict, so that it travels between processes).
-    Only an interruption (Ctrl-C) escapes; whatever else stops the run is the outcome."""
+    Only an interruption (Ctrl-C, SIGTERM) escapes; whatever else stops the run is the outcome."""
     if cwd and Path(cwd).is_dir():
         os.chdir(cwd)  # relative paths of the spec (data roots, caches) mean what they meant to the sweep
     before = torch.get_num_threads()
@@ -57,9 +60,11 @@ def execute_run(data: dict, cwd: str | None = None, threads: int | None = None, 
         outcome = Outcome("failed", error="; ".join(exc.problems))
     except PluginError as exc:
         outcome = Outcome("failed", error=str(exc))
+    except OSError as exc:  # its folder or run.log, before the engine could say so
+        outcome = Outcome("failed", error=storage_problem(os_error(exc, output)))
     except Exception as exc:  # noqa: BLE001 - one run's crash is its outcome, the sweep goes on
         log = log_traceback(output, "the run", exc)
-        outcome = Outcome("failed", error=f"{type(exc).__name__}: {exc} (traceback in {log})")
+        outcome = Outcome("failed", error=f"{type(exc).__name__}: {exc} ({log})")
     finally:
         torch.set_num_threads(before)
     outcome.time_s = time.perf_counter() - started
@@ -77,21 +82,94 @@ class LocalExecutor:
         self.cpus = cpus  # torch threads per run; default: the cores shared by the parallel runs
 
     def run(self, runs: list[Run], on_done: OnDone, progress=None) -> None:
+        """Each run to its end, ``on_done`` told of each. Stopped (Ctrl-C, SIGTERM), the
+        runs under way stop too, each recording that it was interrupted (in its
+        ``results.json`` and its outcome), and the interruption is raised again."""
         cwd = os.getcwd()
         if self.jobs == 1:
             for run in runs:
-                on_done(run, Outcome(**execute_run(run.data, cwd, self.cpus, progress)))
+                try:
+                    outcome = execute_run(run.data, cwd, self.cpus, progress)
+                except KeyboardInterrupt as exc:
+                    on_done(run, Outcome("interrupted", error=interruption(exc)))
+                    raise
+                on_done(run, Outcome(**outcome))
             return
         threads = self.cpus or max(1, (os.cpu_count() or 1) // self.jobs)
         context = multiprocessing.get_context("spawn")  # torch and fork do not mix
-        with cf.ProcessPoolExecutor(max_workers=self.jobs, mp_context=context) as pool:
-            futures = {pool.submit(execute_run, run.data, cwd, threads): run for run in runs}
-            for future in cf.as_completed(futures):
-                try:
-                    outcome = Outcome(**future.result())
-                except Exception as exc:  # noqa: BLE001 - the worker process died (killed, out of memory)
-                    outcome = Outcome("failed", error=f"its process ended: {type(exc).__name__}: {exc}")
-                on_done(futures[future], outcome)
+        waiting, running = list(runs), {}
+        with cf.ProcessPoolExecutor(max_workers=self.jobs, mp_context=context, initializer=_worker_start,
+                                    initargs=(os.getpid(),)) as pool:
+            try:
+                while waiting or running:
+                    while waiting and len(running) < self.jobs:  # none queued: a stopped sweep starts nothing more
+                        run = waiting.pop(0)
+                        try:
+                            running[pool.submit(_worker_run, run.data, cwd, threads)] = run
+                        except cf.process.BrokenProcessPool as exc:  # a worker died (killed, out of memory)
+                            on_done(run, Outcome("failed", error=f"not started: {exc}"))
+                    finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                    for future in finished:
+                        on_done(running.pop(future), _outcome(future))
+            except KeyboardInterrupt:
+                for process in list((getattr(pool, "_processes", None) or {}).values()):
+                    if process.is_alive():
+                        process.terminate()  # SIGTERM: a worker's run stops and records it (a second is ignored)
+                for future in cf.as_completed(list(running)):
+                    on_done(running.pop(future), _outcome(future))
+                raise
+
+
+def _outcome(future: cf.Future) -> Outcome:
+    """How the run of a worker process ended."""
+    exc = future.exception()
+    if exc is None:
+        return Outcome(**future.result())
+    if isinstance(exc, KeyboardInterrupt):  # stopped between its record and its return
+        return Outcome("interrupted", error=interruption(exc))
+    return Outcome("failed", error=f"its process ended: {type(exc).__name__}: {exc}")  # killed, out of memory
+
+
+def _worker_start(sweep_pid: int) -> None:
+    """In each worker process of a parallel sweep, first: it stops with the sweep.
+    SIGTERM (sent by the sweep when it is stopped, or by a scheduler to every process)
+    and Ctrl-C stop the run it is running, which records that it was interrupted; a
+    worker between runs only notes it (stopping it would break the pool while its
+    siblings record theirs). On Linux, the kernel sends it SIGTERM when the sweep's
+    process dies, however it dies (``kill -9`` included); a worker whose sweep is gone
+    exits."""
+    global _SWEEP_PID
+    _SWEEP_PID = sweep_pid
+    catch_stop_signals(signal.SIGTERM, signal.SIGINT, armed=False, idle=_exit_if_orphaned)
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    _exit_if_orphaned()
+
+
+_SWEEP_PID: int | None = None
+
+
+def _exit_if_orphaned() -> None:
+    """A worker whose sweep process is gone ends (nothing would read its outcome)."""
+    if _SWEEP_PID is not None and os.getppid() != _SWEEP_PID:
+        os._exit(128 + int(signal.SIGTERM))
+
+
+def _worker_run(data: dict, cwd: str, threads: int) -> dict:
+    """:func:`execute_run` in a worker process, stop signals armed: stopped, the run
+    records it and its outcome says ``interrupted`` (a worker whose sweep is gone then exits)."""
+    started = time.perf_counter()
+    try:
+        with armed():
+            return execute_run(data, cwd, threads)
+    except KeyboardInterrupt as exc:
+        _exit_if_orphaned()
+        return Outcome("interrupted", time.perf_counter() - started, interruption(exc)).__dict__
 
 
 class RayExecutor:

@@ -18,7 +18,9 @@ On disk a feature file is ``<key>.safetensors``; it is written to a temporary
 file in the same folder, flushed to disk and renamed into place, so a run killed
 mid-write leaves no partial file under the final name, and concurrent runs that
 compute the same features replace it with the same content. A file that cannot
-be read is computed again and replaced.
+be read, or fails its integrity check (:func:`integrity`: the checksum of its
+content written with it, one row per readable item, the items' own labels), is
+computed again and replaced.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,9 +38,17 @@ from safetensors.torch import load_file, save_file
 
 from .api import Item
 from .data import Unreadable, UnreadableImages
+from .results import atomic_file
 
 #: Bump when the layout or meaning of cached feature files changes.
 FORMAT = 1
+
+
+def _hash_tensor(h, name: str, t: torch.Tensor) -> None:
+    """Feed ``t``'s name, dtype, shape and bytes to the hash ``h``."""
+    t = t.detach().cpu().contiguous()
+    h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy())
 
 
 def weights_hash(module: torch.nn.Module) -> str:
@@ -47,12 +56,8 @@ def weights_hash(module: torch.nn.Module) -> str:
     h = hashlib.sha256()
     state = module.state_dict(keep_vars=False)
     for name in sorted(state):
-        t = state[name]
-        if not isinstance(t, torch.Tensor):
-            continue
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
+        if isinstance(state[name], torch.Tensor):
+            _hash_tensor(h, name, state[name])
     return h.hexdigest()
 
 
@@ -79,6 +84,41 @@ class Features:
     unreadable: dict[str, str] = field(default_factory=dict)
 
 
+def content_hash(found: Features) -> str:
+    """sha256 of a cache entry's content: its tensors and the images it left out."""
+    h = hashlib.sha256()
+    _hash_tensor(h, "features", found.features)
+    _hash_tensor(h, "labels", found.labels)
+    h.update(json.dumps(found.unreadable, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def integrity(found: Features, checksum: str | None, items: list[Item] | None) -> str | None:
+    """What is wrong with a cache entry read from disk, or None: its content must have
+    the ``checksum`` written with it, and (given the ``items`` it is of) one row per
+    readable item with that item's label, in order."""
+    if checksum is None:
+        return "it has no checksum"
+    if checksum != content_hash(found):
+        return "its checksum differs: the file changed after it was written"
+    feats, labels, left_out = found.features, found.labels, found.unreadable
+    if labels.dim() != 1 or labels.is_floating_point() or not feats.is_floating_point() or feats.dim() not in (2, 3) \
+            or feats.shape[-2] != labels.shape[0] or not isinstance(left_out, dict):
+        return (f"features {list(feats.shape)} ({feats.dtype}) and labels {list(labels.shape)} ({labels.dtype}) "
+                "are not one row and one class index per image")
+    if items is None:
+        return None
+    if not set(left_out) <= {str(it.path) for it in items}:
+        return "it names unreadable images that are not among the items"
+    expected = [it.label for it in items if str(it.path) not in left_out]
+    if labels.shape[0] != len(expected):
+        return f"it holds {labels.shape[0]} rows for {len(expected)} readable images"
+    if not torch.equal(labels.long(), torch.tensor(expected, dtype=torch.long)):
+        wrong = int((labels.long() != torch.tensor(expected, dtype=torch.long)).sum())
+        return f"{wrong} of its {len(expected)} labels are not those of the images"
+    return None
+
+
 @dataclass
 class FeatureStore:
     """Features of this run in memory, and in ``folder`` when one is given."""
@@ -100,14 +140,16 @@ class FeatureStore:
                    **what}
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
-    def get(self, key: str, kind: str, compute: Callable[[], Features], unreadable: UnreadableImages) -> Features:
-        """The features under ``key``: from memory, from disk, or ``compute()``d
-        (then kept in memory and written to disk). Images left out are recorded in
-        ``unreadable`` whichever way the features come."""
+    def get(self, key: str, kind: str, compute: Callable[[], Features], unreadable: UnreadableImages,
+            items: list[Item] | None = None) -> Features:
+        """The features under ``key`` (of ``items``): from memory, from disk (if it
+        passes its :func:`integrity` check), or ``compute()``d (then kept in memory and
+        written to disk). Images left out are recorded in ``unreadable`` whichever way
+        the features come."""
         found = self._memory.get(key)
         source = "memory"
         if found is None and self.folder is not None:
-            found = self._load(key)
+            found = self._load(key, items)
             source = "disk"
         if found is None:
             found = compute()
@@ -126,7 +168,9 @@ class FeatureStore:
         assert self.folder is not None
         return self.folder / f"{key}.safetensors"
 
-    def _load(self, key: str) -> Features | None:
+    def _load(self, key: str, items: list[Item] | None = None) -> Features | None:
+        """The entry under ``key`` if it is there, readable and whole; None otherwise
+        (saying why: it is computed again and replaced)."""
         path = self.path(key)
         if not path.is_file():
             return None
@@ -136,22 +180,22 @@ class FeatureStore:
             with safe_open(str(path), "pt") as f:
                 meta = f.metadata() or {}
             tensors = load_file(str(path))
-            return Features(tensors["features"], tensors["labels"], json.loads(meta.get("unreadable", "{}")))
+            found = Features(tensors["features"], tensors["labels"], json.loads(meta.get("unreadable", "{}")))
         except (OSError, SafetensorError, KeyError, ValueError) as exc:
-            self.log(f"{path}: unreadable feature cache ({exc}); computing it again")
+            self.log(f"{path}: unreadable feature cache ({exc}); computing it again and replacing it")
             return None
+        problem = integrity(found, meta.get("sha256"), items)
+        if problem:
+            self.log(f"{path}: feature cache entry fails its integrity check ({problem}); "
+                     "computing it again and replacing it")
+            return None
+        return found
 
     def _save(self, key: str, kind: str, found: Features) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        meta = {"kind": kind, "format": str(FORMAT), "unreadable": json.dumps(found.unreadable)}
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=self.folder)
-        os.close(fd)
-        try:
-            save_file({"features": found.features.detach().cpu().contiguous(),
-                       "labels": found.labels.detach().cpu().contiguous()}, tmp, metadata=meta)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path(key))
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        content = Features(found.features.detach().cpu().contiguous(), found.labels.detach().cpu().contiguous(),
+                           found.unreadable)
+        meta = {"kind": kind, "format": str(FORMAT), "unreadable": json.dumps(found.unreadable),
+                "sha256": content_hash(content)}
+        with atomic_file(self.path(key), sync=True) as tmp:
+            save_file({"features": content.features, "labels": content.labels}, str(tmp), metadata=meta)

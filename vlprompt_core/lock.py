@@ -31,8 +31,10 @@ LOCK_NAME = ".vlprompt.lock"
 class FolderLock:
     """``with FolderLock(folder):`` the folder is this process's until the block ends."""
 
-    def __init__(self, folder: Path, log: Callable[[str], None] = lambda msg: None):
+    def __init__(self, folder: Path, log: Callable[[str], None] = lambda msg: None,
+                 elsewhere: str = "give this run another output folder (--output)"):
         self.folder = Path(folder)
+        self.elsewhere = elsewhere  # how to go elsewhere, said when the folder is in use
         self.path = self.folder / LOCK_NAME
         self.log = log
         self.fd: int | None = None
@@ -56,16 +58,20 @@ class FolderLock:
             h = self.holder()
             who = f"process {h.get('pid', '?')} on {h.get('host', '?')}"
             what = f" ({h['command']}, started {h.get('started', '?')})" if h.get("command") else ""
-            raise UserError(f"{self.folder}: in use by {who}{what}; wait for it to finish, stop it, or give this "
-                            "run another output folder (--output)") from None
+            raise UserError(f"{self.folder}: in use by {who}{what}; wait for it to finish, stop it, or "
+                            f"{self.elsewhere}") from None
         previous = self.holder()
         if previous.get("pid") and previous.get("pid") != os.getpid():
             self.log(f"{self.folder}: taking over the lock of process {previous['pid']}, which is no longer running")
         me = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv) or "python",
               "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(me).encode(), 0)
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode(), 0)
+            os.fsync(fd)
+        except OSError as exc:  # a full disk: the lock is let go, the error names its file
+            os.close(fd)
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
         self.fd = fd
         return self
 

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ValidationError
 
 from .api import Recipe, RecipeCondition, RecipeRule  # noqa: F401 - plug-ins import them from here
 from .errors import UserError
-from .settings import TrainOverride, TrainSpec
+from .settings import TrainOverride, TrainSpec, device_type, resolve_precision
 
 
 def check_recipe(recipe: Recipe, options_model: type[BaseModel], method: str) -> None:
@@ -87,7 +87,8 @@ def run_context(spec) -> dict[str, Any]:
     }
 
 
-#: Train fields that do not change what a (method, seed) pair computes.
+#: Train fields that do not change what a (method, seed) pair computes. ``device`` is
+#: keyed by its type, and ``precision`` as that type resolves it (:func:`method_key`).
 _NOT_IN_KEY = {"seeds", "device", "num_workers", "eval_batch_size", "unreadable_images", "kernels",
                "text_chunk", "feature_cache", "checkpoint_every"}
 #: Train fields in the key only when they differ from their default (newer fields:
@@ -147,15 +148,19 @@ def resolve_method(spec, section, label: str, entry) -> ResolvedMethod:
 def method_key(spec, resolved: ResolvedMethod, trains: bool = True) -> str:
     """A short hash of everything a (method, seed) result depends on except the seed;
     for a method that does not train (``trains`` False), without the train settings
-    only training reads, so its runs under any training settings are the same pairs."""
+    only training reads, so its runs under any training settings are the same pairs.
+    Keyed by the device type it computes on and the precision that type resolves
+    ``auto`` to, as they resolve here (a CUDA bf16 pair is never resumed on the CPU)."""
     left_out = _NOT_IN_KEY | {name for name, default in _IN_KEY_WHEN_SET.items()
                               if getattr(resolved.train, name) == default}
     payload = {
         "method": resolved.name,
         "options": resolved.options.model_dump(mode="json", exclude={"name", "label", "train"}),
         "train": resolved.train.model_dump(mode="json", exclude=left_out if trains else left_out | _TRAINING_ONLY),
+        "device": device_type(resolved.train.device),
         "backbone": spec.backbone.model_dump(mode="json"),
         "dataset": spec.dataset.model_dump(mode="json"),
         "protocol": spec.protocol.model_dump(mode="json"),
     }
+    payload["train"]["precision"] = resolve_precision(payload["device"], resolved.train.precision)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]

@@ -2,30 +2,68 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata as md
 import json
 import math
 import os
-import tempfile
+import secrets
+import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 from rich.text import Text
 
+from .errors import os_error
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, sync: bool = False) -> Iterator[Path]:
+    """``with atomic_file(path) as tmp:`` write ``tmp``, a new empty file beside
+    ``path``; at the end it is renamed over ``path`` (with ``sync``, flushed to disk
+    first): never half a file. On an error it is removed. It has the mode ``open()``
+    gives a new file, 0666 less the umask, whatever wrote it (``tempfile.mkstemp`` and
+    safetensors make 0600, which would keep others out of a shared results tree).
+    What the file system refuses, safetensors' own error for it included, is an
+    :class:`OSError` naming ``path`` (:func:`~vlprompt_core.errors.os_error`)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(1000):
+            tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+            try:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise FileExistsError(f"{path.parent}: no free temporary name beside {path.name}")
+    except OSError as exc:
+        raise os_error(exc, path) from exc
+    try:
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)
+        yield tmp
+        os.chmod(tmp, mode)
+        if sync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except Exception as exc:
+        refused = os_error(exc, path)
+        if refused is None:
+            raise
+        raise refused from exc
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
 
 def atomic_write_json(path: Path, data: Any) -> None:
     """Write JSON to a temp file beside ``path`` and rename it over: never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
 
 
 def package_versions(extra: list[str] = ()) -> dict[str, str]:

@@ -7,13 +7,41 @@ recipes, the spec and the engine all build on it.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Literal, Optional, Union
+import re
+from pathlib import Path, PurePath
+from typing import Annotated, Any, Literal, Optional, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, field_validator
+from pydantic_core import PydanticCustomError
 
-__all__ = ["TrainOverride", "TrainSpec"]
+__all__ = ["Folder", "TrainOverride", "TrainSpec", "device_type", "folder", "resolve_precision"]
+
+
+def folder(value: Any) -> Any:
+    """A folder as a spec writes it (``output``, ``train.feature_cache``): a leading
+    ``~`` is the home folder, as in dataset paths. Empty text (it would be the current
+    folder) and an environment variable (``$HOME``, ``${SCRATCH}``: not expanded, it
+    would make a folder of that very name) are refused."""
+    if not isinstance(value, (str, PurePath)):
+        return value
+    text = str(value)
+    if not text.strip():
+        raise PydanticCustomError("empty_folder", "empty: give a folder, or leave the setting out for its default")
+    variable = re.search(r"\$(\w+|\{[^}]*\})", text)
+    if variable:
+        raise PydanticCustomError(
+            "environment_variable", "{value} holds {variable}, an environment variable, which vlprompt does not "
+            "expand: write the folder out (a leading ~ is your home folder)",
+            {"value": repr(text), "variable": variable.group(0)})
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # ~user of an unknown user: the folder as written
+        return Path(text)
+
+
+#: A folder a spec names (:func:`folder`).
+Folder = Annotated[Path, BeforeValidator(folder)]
 
 
 class TrainSpec(BaseModel):
@@ -58,7 +86,7 @@ class TrainSpec(BaseModel):
     checkpoint_every: int = Field(
         0, ge=0, le=10**9, description="also save the training state every N steps, not only at the end of each "
         "epoch (a run stopped mid-epoch resumes there; exactly so with num_workers: 0)")
-    feature_cache: Optional[Path] = Field(
+    feature_cache: Optional[Folder] = Field(
         None, description="folder of frozen image features kept between runs (test splits and augmented views), "
         "keyed by backbone weights, images, transform and precision; share it between the runs of a sweep")
     unreadable_images: Literal["error", "skip"] = Field(
@@ -71,6 +99,16 @@ class TrainSpec(BaseModel):
     def _chunk(cls, value):
         if isinstance(value, int) and not 0 <= value <= 1_000_000:
             raise ValueError("needs a number of prompts from 1 to 1,000,000, 0 (one pass) or 'auto'")
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, value: list[int]) -> list[int]:
+        repeated = sorted({s for s in value if value.count(s) > 1})
+        if repeated:
+            raise ValueError(f"seed{'s' * (len(repeated) > 1)} {', '.join(map(str, repeated))} listed more than once: "
+                             "each seed is one run of every method (a repeat would count one result as several), "
+                             "list each seed once")
         return value
 
     @field_validator("device")
@@ -102,3 +140,18 @@ TrainOverride = create_model(
                         "checkpoint_every")
     },
 )
+
+
+def device_type(device: str) -> str:
+    """The kind of device ``train.device`` names (``cuda``, ``cpu``, ...); ``auto``:
+    CUDA when available. Not checked against the machine (the engine does that)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device).type
+
+
+def resolve_precision(device: torch.device | str, precision: str) -> str:
+    """``auto``: bf16 on CUDA, fp32 elsewhere."""
+    if precision == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return precision

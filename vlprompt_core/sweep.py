@@ -31,8 +31,10 @@ from typing import Any, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import UserError
+from .lock import FolderLock
 from .plugins import Registry
 from .results import atomic_write_json
+from .settings import Folder
 from .spec import check_spec, error_message, read_yaml, spec_hash, validate_spec
 
 
@@ -56,7 +58,7 @@ class SweepSpec(BaseModel):
     grid: dict[str, list[Any]] = Field(min_length=1, description="dotted path -> the values it takes, one axis each")
     name: Optional[str] = Field(None, description="folder name of a run, e.g. '{method.name}-{protocol.shots}shot' "
                                 "(default: each axis' last key and value)")
-    output: Optional[Path] = Field(None, description="folder of the runs (default: runs/<sweep file name>)")
+    output: Optional[Folder] = Field(None, description="folder of the runs (default: runs/<sweep file name>)")
     resources: Resources = Field(default_factory=Resources)
 
     @model_validator(mode="after")
@@ -150,6 +152,23 @@ def _folder(template: str | None, values: dict[str, Any], names: dict[str, str])
     return folder
 
 
+def unique_folders(folders: list[str]) -> list[str]:
+    """Each run a folder of its own: a folder named again gets ``_2``, ``_3`` ... the
+    first suffix that no other run's folder has, names compared as file systems that
+    ignore case compare them."""
+    own = {f.casefold() for f in folders}
+    used: set[str] = set()
+    out = []
+    for folder in folders:
+        name, n = folder, 1
+        while name.casefold() in used or (name != folder and name.casefold() in own):
+            n += 1
+            name = f"{folder}_{n}"
+        used.add(name.casefold())
+        out.append(name)
+    return out
+
+
 def load_sweep(path: Path) -> SweepSpec:
     """Read and validate a sweep file (one :class:`UserError` line per problem)."""
     data = read_yaml(path, "a sweep names a base run spec and a grid")
@@ -175,14 +194,10 @@ def expand(sweep: SweepSpec, reg: Registry, source: str = "sweep") -> list[Run]:
         raise UserError(f"{sweep.base or 'spec'}: the base run spec must be a mapping of sections")
     paths = list(sweep.grid)
     names = axis_names(paths)
-    runs, problems, seen = [], [], {}
-    for combo in itertools.product(*sweep.grid.values()):
-        values = dict(zip(paths, combo))
+    runs, problems = [], []
+    grid = [dict(zip(paths, combo)) for combo in itertools.product(*sweep.grid.values())]
+    for values, folder in zip(grid, unique_folders([_folder(sweep.name, values, names) for values in grid])):
         data = copy.deepcopy(base)
-        folder = _folder(sweep.name, values, names)
-        seen[folder] = seen.get(folder, 0) + 1
-        if seen[folder] > 1:
-            folder = f"{folder}_{seen[folder]}"
         try:
             for p, v in values.items():
                 set_path(data, p, v)
@@ -225,7 +240,16 @@ def write_index(sweep: SweepSpec, runs: list[Run], outcomes: dict[str, Outcome],
 def run_sweep(sweep: SweepSpec, runs: list[Run], executor, source: str,
               notify: Callable[[Run, Outcome], None] = lambda run, outcome: None, progress=None) -> dict[str, Outcome]:
     """Run every run not already finished with ``executor``; ``notify`` hears of each
-    run as it ends (skipped ones first). ``sweep.json`` is kept up to date throughout."""
+    run as it ends (skipped ones first). ``sweep.json`` is kept up to date throughout.
+    One sweep at a time in an output folder: a second is refused (a :class:`UserError`
+    naming the first) before it writes anything, rather than finding the first one's
+    runs in use and calling them failed."""
+    with FolderLock(Path(sweep.output), elsewhere="give this sweep another output folder (output: in the sweep file)"):
+        return _run_sweep(sweep, runs, executor, source, notify, progress)
+
+
+def _run_sweep(sweep: SweepSpec, runs: list[Run], executor, source: str,
+               notify: Callable[[Run, Outcome], None], progress) -> dict[str, Outcome]:
     outcomes: dict[str, Outcome] = {}
     todo = []
     for run in runs:
@@ -243,9 +267,11 @@ def run_sweep(sweep: SweepSpec, runs: list[Run], executor, source: str,
 
     try:
         executor.run(todo, done, progress)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the runs under way said so (executors), the rest never began
+        from .engine import interruption
+
         for run in todo:
-            outcomes.setdefault(run.folder, Outcome("interrupted"))
+            outcomes.setdefault(run.folder, Outcome("interrupted", error=f"not started ({interruption(exc)})"))
         write_index(sweep, runs, outcomes, source)
         raise
     return outcomes

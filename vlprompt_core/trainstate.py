@@ -20,7 +20,6 @@ previous epoch's state or the new one, never half a file.
 from __future__ import annotations
 
 import json
-import os
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,27 +27,46 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .api import ContractError
 from .errors import UserError
+from .results import atomic_file
 
 #: Bump when the layout of state files changes (older files are then not resumed).
 FORMAT = "1"
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """safetensors to ``path`` through a temporary file, flushed to disk, then renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    """safetensors to ``path`` through a temporary file, flushed to disk, then renamed
+    (:func:`~vlprompt_core.results.atomic_file`); the same tensors and metadata are
+    the same bytes, in any process (:func:`_sort_header`)."""
+    with atomic_file(path, sync=True) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        _sort_header(tmp)
+
+
+def _sort_header(path: Path) -> None:
+    """Write the JSON header of the safetensors file at ``path`` again with its keys in
+    order. safetensors writes the metadata in hash order, which differs from one save
+    to the next, so identical checkpoints would differ byte for byte (``vlprompt eval
+    --from`` keys on a checkpoint's bytes). The header keeps its length (spaces pad it,
+    as the format allows), so the tensors stay where they are."""
+    with open(path, "rb+") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.dumps(json.loads(f.read(size)), sort_keys=True, separators=(",", ":"),
+                            ensure_ascii=False).encode()
+        if len(header) <= size:
+            f.seek(8)
+            f.write(header.ljust(size))
+            return
+        data = f.read()  # written longer than safetensors wrote it: the tensors move
+        header += b" " * (-len(header) % 8)
+        f.seek(0)
+        f.write(len(header).to_bytes(8, "little") + header)
+        f.write(data)
+        f.truncate()
 
 
 def _method_state(method: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -129,6 +147,31 @@ class Position:
     step: int = 0
     sums: list = field(default_factory=lambda: [0.0, 0, 0, {}])
 
+    @classmethod
+    def read(cls, text: str) -> Position:
+        """The position a state file's metadata holds; ValueError when it is not one."""
+        data = json.loads(text)
+        count = lambda v: type(v) is int and v >= 0  # noqa: E731
+        number = lambda v: type(v) in (int, float)  # noqa: E731
+        if not (isinstance(data, dict) and set(data) <= {"epoch", "step", "sums"} and count(data.get("epoch"))
+                and count(data.get("step", 0))):
+            raise ValueError(f"position {text[:80]} is not an epoch and a step, counted from 0")
+        sums = data.get("sums", [0.0, 0, 0, {}])
+        if not (isinstance(sums, list) and len(sums) == 4 and number(sums[0]) and count(sums[1]) and count(sums[2])
+                and isinstance(sums[3], dict) and all(number(v) for v in sums[3].values())):
+            raise ValueError(f"position sums {json.dumps(sums)[:80]} are not a loss sum, images, correct and terms")
+        return cls(data["epoch"], data.get("step", 0), sums)
+
+
+def check_position(path: Path, position: Position, epochs: int, steps: int) -> None:
+    """A state is resumed only at a position within training (``epochs`` epochs of
+    ``steps`` batches), or at its very end (saved after the last epoch, before the pair
+    was recorded); one past the end is refused, never taken for finished training."""
+    if position.epoch < epochs and position.step < steps or (position.epoch, position.step) == (epochs, 0):
+        return
+    raise UserError(f"{path}: its position (step {position.step} of epoch {position.epoch + 1}) is past the end of "
+                    f"training ({epochs} epochs of {steps} steps); delete it to train this pair from the start")
+
 
 def save_state(path: Path, method: torch.nn.Module, optimizer: torch.optim.Optimizer,
                data_state: torch.Tensor, position: Position, log: list[dict], identity: dict[str, str]) -> None:
@@ -169,12 +212,15 @@ def load_state(path: Path, method: torch.nn.Module, optimizer: torch.optim.Optim
         if set(own) != set(expected) or any(own[k].shape != expected[k].shape for k in own):
             return None
         own.update(json.loads(meta.get("extra", "{}")))
-        position, log = Position(**json.loads(meta["position"])), json.loads(meta["log"])
+        position, log = Position.read(meta["position"]), json.loads(meta["log"])
+        if not (isinstance(log, list) and len(log) <= position.epoch and all(isinstance(e, dict) for e in log)):
+            raise ValueError(f"its log is not a list of at most one entry for each of the {position.epoch} epochs done")
         optimizer_state = _join_optimizer(tensors, json.loads(meta["optimizer"]))
         rng = json.loads(meta["rng"])
-    except (OSError, SafetensorError, KeyError, ValueError) as exc:
-        raise UserError(f"{path}: unreadable training state ({exc}); delete it to train this pair from the start") from None
-    method.load_state_dict(own, strict=False)  # copied onto each tensor's device; the backbone's keys are not ours
-    optimizer.load_state_dict(optimizer_state)
-    _set_rng_state(tensors, rng, data_generator)
+        method.load_state_dict(own, strict=False)  # copied onto each tensor's device; the backbone's keys are not ours
+        optimizer.load_state_dict(optimizer_state)
+        _set_rng_state(tensors, rng, data_generator)
+    except Exception as exc:  # noqa: BLE001 - whatever is wrong with the file, it is the file's fault
+        raise UserError(f"{path}: unreadable training state ({type(exc).__name__}: {exc}); delete it to train this "
+                        "pair from the start") from None
     return position, log

@@ -8,8 +8,7 @@ import importlib.resources
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import yaml
-
+from ..yamlload import load as load_yaml
 from .backbone import VisionLanguageBackbone
 from .base import Options
 from .data import ClassSet, DatasetSplits, Plan
@@ -27,6 +26,11 @@ class BackboneEntry:
     ``check(options)`` (optional) returns one line per problem it finds without
     loading weights (unknown model name, missing checkpoint file...); it runs for
     ``vlprompt validate`` and before every run.
+
+    ``text_context(options)`` (optional) tells, without loading weights, ``(count,
+    context_length)``: ``count(text)`` the tokens of a text with the start and end
+    tokens, ``context_length`` the most the text tower takes; or None where that cannot
+    be told cheaply. ``vlprompt validate`` checks the datasets' prompts with it.
     """
 
     name: str
@@ -34,6 +38,7 @@ class BackboneEntry:
     build: Callable[[Any], VisionLanguageBackbone]
     description: str = ""
     check: Callable[[Any], list[str]] | None = None
+    text_context: Callable[[Any], tuple[Callable[[str], int], int] | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -54,7 +59,7 @@ class Published:
         """The published results in a data file shipped inside ``package`` (see
         ``docs/reports.md``): ``tables``, each with ``source``, ``protocol``, ``shots``,
         ``backbone`` and ``results: {dataset: {metric: value}}``."""
-        data = yaml.safe_load(importlib.resources.files(package).joinpath(resource).read_text())
+        data = load_yaml(importlib.resources.files(package).joinpath(resource).read_text())
         return tuple(
             cls(table["protocol"], dataset, {m: float(v) for m, v in metrics.items()}, table.get("shots"),
                 table.get("backbone", "ViT-B/16"), table.get("source", ""))
@@ -87,13 +92,20 @@ class MethodEntry:
 @dataclass(frozen=True)
 class DatasetEntry:
     """A dataset: options model and loader; ``check(options)`` (optional) lists
-    problems found cheaply (missing folders, unreadable split files)."""
+    problems found cheaply (missing folders, unreadable split files); ``classes(options)``
+    (optional) gives its :class:`ClassSet` without listing its images where it can, for
+    ``vlprompt validate`` to check its prompts against the backbone's text context.
+
+    Whatever it loads must have at least two classes, images for every class and
+    labels in range: a run refuses a dataset that does not
+    (:func:`vlprompt_core.data.dataset_problems`)."""
 
     name: str
     options: type[Options]
     load: Callable[[Any], DatasetSplits]
     description: str = ""
     check: Callable[[Any], list[str]] | None = None
+    classes: Callable[[Any], ClassSet] | None = None
 
 
 @dataclass

@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
+
+from ..yamlload import load as load_yaml
 
 
 # -------------------------------------------------------------------------- recipe
@@ -60,7 +61,7 @@ class Recipe(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Recipe":
-        return cls.model_validate(yaml.safe_load(Path(path).read_text()) or {})
+        return cls.model_validate(load_yaml(Path(path).read_text()) or {})
 
     def for_context(self, context: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """The ``(train, options)`` defaults this recipe gives under ``context``

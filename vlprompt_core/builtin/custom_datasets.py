@@ -14,8 +14,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..api import DatasetSplits, Options
-from ..data import expand_user, load_class_folders
+from ..data import dataset_problems, expand_user, load_class_folders
 from ..errors import UserError
+from ..yamlload import load as load_yaml, yaml_problem
 from .spec_files import DEFAULT_TEMPLATES, _names_as_text, _templates_have_slot
 
 
@@ -42,9 +43,9 @@ def read_data_info(path: Path) -> DataInfo:
     if not path.is_file():
         return DataInfo()
     try:
-        return DataInfo.model_validate(yaml.safe_load(path.read_text()) or {})
+        return DataInfo.model_validate(load_yaml(path.read_text()) or {})
     except yaml.YAMLError as exc:
-        raise UserError(f"{path}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+        raise UserError(f"{path}: {yaml_problem(exc)}") from None
     except ValidationError as exc:
         raise UserError(*[f"{path}: {'.'.join(map(str, e['loc'])) or '(top level)'}: "
                           f"{'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}"
@@ -129,11 +130,17 @@ def load_list(o: CsvOptions, loader) -> DatasetSplits:
 
 
 def _check_by_loading(load):
+    """A dataset's ``check``: load it; what stops that, or what every dataset must be
+    (:func:`~vlprompt_core.data.dataset_problems`: two classes or more, each with images)."""
     def check(opts) -> list[str]:
         try:
-            load(opts)
+            return dataset_problems(load(opts))
         except UserError as exc:
             return exc.problems
-        return []
 
     return check
+
+
+def _classes_by_loading(load):
+    """A dataset's ``classes``: those of the dataset loaded."""
+    return lambda opts: load(opts).classes

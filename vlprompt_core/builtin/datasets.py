@@ -23,6 +23,7 @@ from .custom_datasets import (
     FolderOptions,
     JsonOptions,
     _check_by_loading,
+    _classes_by_loading,
     load_folder,
     load_list,
     read_data_info,
@@ -84,12 +85,13 @@ def vlprompt_datasets() -> list[DatasetEntry]:
     for p in problems:
         log.warning("skipping dataset spec %s", p)
     plugins.append(DatasetEntry("folder", FolderOptions, load_folder, "a folder of class subfolders (your own images)",
-                                check=_check_by_loading(load_folder)))
+                                check=_check_by_loading(load_folder), classes=_classes_by_loading(load_folder)))
     load_csv_ = lambda o: load_list(o, load_csv)  # noqa: E731
     plugins.append(DatasetEntry("csv", CsvOptions, load_csv_, "a CSV of path, class(, split) (your own images)",
-                                check=_check_by_loading(load_csv_)))
+                                check=_check_by_loading(load_csv_), classes=_classes_by_loading(load_csv_)))
     load_json_ = lambda o: load_list(o, load_json_list)  # noqa: E731
     plugins.append(DatasetEntry("json", JsonOptions, load_json_, "a JSON list of images, or a split file "
-                                "(your own images)", check=_check_by_loading(load_json_)))
+                                "(your own images)", check=_check_by_loading(load_json_),
+                                classes=_classes_by_loading(load_json_)))
     return plugins
 

@@ -24,6 +24,7 @@ from pydantic import Field, ValidationError, field_validator
 from ..api import ClassSet, DatasetEntry, DatasetSplits, Options
 from ..data import (
     Scan,
+    class_count_problem,
     class_folder_problems,
     default_data_root,
     expand_user,
@@ -36,6 +37,7 @@ from ..data import (
 )
 from ..embedded import tasks as embedded_tasks
 from ..errors import UserError
+from ..yamlload import load as load_yaml, yaml_problem
 from .spec_files import DatasetSpecFile, _templates_have_slot, resolve_parent, spec_dirs
 
 #: Named after the module that registers these datasets, as its warnings always were.
@@ -177,9 +179,12 @@ def spec_where(spec: DatasetSpecFile, folder: Path) -> Path:
 
 
 def check_spec_dataset(spec: DatasetSpecFile, opts: SpecDatasetOptions) -> list[str]:
-    """The cheap checks (``vlprompt validate``, and before every run): the folders the
-    layout needs, a split file that parses and agrees with the spec (labels, class
-    names, every class present), class folders named as the spec's classes."""
+    """The cheap checks (``vlprompt validate``, and before every run): at least two
+    classes, the folders the layout needs, a split file that parses and agrees with the
+    spec (labels, class names, every class present), class folders named as the spec's
+    classes, each holding an image."""
+    if spec.classnames is not None and (few := class_count_problem(spec.name, spec.classnames)) is not None:
+        return [few]
     if spec.embedded is not None:
         return []  # generated on first use
     folder = (opts.root or default_data_root()) / spec.folder
@@ -209,7 +214,8 @@ def _make_spec_dataset(spec: DatasetSpecFile, path: Path | None = None) -> Datas
     options = type(f"{spec.name.title().replace('_', '')}Options", (SpecDatasetOptions,),
                    {"spec": spec, "spec_path": path})
     return DatasetEntry(spec.name, options, lambda opts: load_spec_dataset(spec, opts), spec.title,
-                        check=lambda opts: check_spec_dataset(spec, opts))
+                        check=lambda opts: check_spec_dataset(spec, opts),
+                        classes=lambda opts: spec_classes(spec, opts.templates, opts.ensemble))
 
 
 def read_spec_files() -> tuple[list[DatasetEntry], list[str]]:
@@ -219,9 +225,9 @@ def read_spec_files() -> tuple[list[DatasetEntry], list[str]]:
     for d in spec_dirs():
         for path in sorted(d.glob("*.yaml")):
             try:
-                spec = DatasetSpecFile.model_validate(yaml.safe_load(path.read_text()))
+                spec = DatasetSpecFile.model_validate(load_yaml(path.read_text()))
             except yaml.YAMLError as exc:
-                problems.append(f"{path}: invalid YAML ({exc})".splitlines()[0])
+                problems.append(f"{path}: {yaml_problem(exc)}")
                 continue
             except ValidationError as exc:
                 e = exc.errors()[0]

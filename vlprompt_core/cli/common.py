@@ -30,10 +30,22 @@ def _one_line(text: str) -> str:
 
 def _fail(exc: UserError) -> None:
     """Print each problem as one ``error:`` line (its text verbatim, never read as
-    markup: it may quote the spec) and exit with code 2."""
+    markup: it may quote the spec) and exit with the error's code: 2 when what was asked
+    for is wrong, 1 when the file system refused a file (a full disk...)."""
     for line in exc.problems:
         err.print(Text.assemble(("error:", "red"), " ", _one_line(line)), soft_wrap=True)
-    raise typer.Exit(2)
+    raise typer.Exit(exc.exit_code)
+
+
+def _interrupted(exc: KeyboardInterrupt, where: str) -> None:
+    """A command stopped by Ctrl-C or SIGTERM: one line (which, and where what was done
+    is: ``where``), and exit code 128 + the signal's number (130 for Ctrl-C, 143 for
+    SIGTERM), as a shell reports a process that signal ended."""
+    from ..engine import Terminated, exit_code
+
+    what = f"interrupted ({exc})" if isinstance(exc, Terminated) else "interrupted"
+    err.print(Text(f"{what}: {_one_line(where)}"), soft_wrap=True)
+    raise typer.Exit(exit_code(exc))
 
 
 def _registry():

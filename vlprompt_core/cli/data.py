@@ -56,8 +56,8 @@ def data_check(name: str = typer.Argument(..., help="a dataset name (see `vlprom
     """Check one dataset thoroughly: layout, split file, class list against the spec,
     every referenced image present, a sample decodable. Exit code 2 and one line per
     problem (with the fix) when something is wrong."""
-    from ..datacheck import check_named, check_section
-    from ..spec import dataset_sections, load_spec
+    from ..datacheck import check_named, check_section, prompt_problems
+    from ..spec import dataset_sections, load_spec, resolve_methods
 
     try:
         reg = _registry()
@@ -65,7 +65,12 @@ def data_check(name: str = typer.Argument(..., help="a dataset name (see `vlprom
             run_spec = load_spec(Path(name), reg)
             if root is not None:
                 raise UserError("--root applies to a dataset name; a run spec gives each dataset's root")
-            reports = [check_section(reg, section, sample) for _, section in dataset_sections(run_spec, reg)]
+            sections = dataset_sections(run_spec, reg)
+            reports = [check_section(reg, section, sample) for _, section in sections]
+            methods = resolve_methods(run_spec, reg)
+            for at, report in zip(sections, reports):  # prompts against the backbone's text context
+                if report.ok:
+                    report.problems += prompt_problems(reg, run_spec.backbone, [at], methods)
         else:
             reports = [check_named(reg, name, root, sample)]
     except UserError as exc:

@@ -31,14 +31,24 @@ def report(dirs: list[Path] = typer.Argument(..., help="folders searched (recurs
 
 
 def _report(dirs: list[Path], output: Path, formats: list[str], paper: bool = False) -> None:
-    """Write the report of ``dirs`` to ``output`` and print its tables."""
+    """Write the report of ``dirs`` to ``output`` and print its tables. A folder that
+    cannot be written is one :class:`UserError` line before anything is read (exit code
+    2), a file the file system refuses while writing one :class:`StorageError` line."""
+    from ..errors import StorageError, os_error, storage_problem
     from ..report import published_numbers, rich_tables, summary_lines, write_report
+    from ..spec import folder_problem
 
     def warn(line: str) -> None:
         err.print(Text.assemble(("warning:", "yellow"), " ", _one_line(line)), soft_wrap=True)
 
+    elsewhere = "give the report another folder (vlprompt report --output)"
+    if (wrong := folder_problem(Path(output))) is not None:
+        raise UserError(f"{wrong}: the report cannot be written there; {elsewhere}")
     published = published_numbers(_registry()) if paper else None
-    done = write_report(dirs, output, formats, warn, published)
+    try:
+        done = write_report(dirs, output, formats, warn, published)
+    except OSError as exc:
+        raise StorageError(storage_problem(os_error(exc, output), elsewhere)) from None
     for line in summary_lines(done.study):
         out.print(Text(line), soft_wrap=True)
     for table in done.tables:

@@ -10,7 +10,7 @@ import typer
 from rich.text import Text
 
 from ..errors import UserError
-from .common import _bars, _fail, _one_line, _print_whole, _registry, _reporter, app, err, out
+from .common import _bars, _fail, _interrupted, _one_line, _print_whole, _registry, _reporter, app, err, out
 
 
 def _prepare(spec: Path, output: Path | None):
@@ -20,33 +20,40 @@ def _prepare(spec: Path, output: Path | None):
     reg = _registry()
     run_spec = load_spec(spec, reg)
     if output is not None:
-        run_spec.output = output
+        from pydantic_core import PydanticCustomError
+
+        from ..settings import folder
+
+        try:
+            run_spec.output = folder(output)  # a quoted ~ or $VAR, as in the spec's output
+        except PydanticCustomError as exc:
+            raise UserError(f"--output: {exc.message()}") from None
     check_spec(run_spec, reg, str(spec))
     return reg, run_spec
 
 
 def _execute(spec: Path, output: Path | None, checkpoints_from: Path | None = None):
-    from ..engine import Engine, PluginError
+    from ..engine import Engine, PluginError, stop_signals
     from ..results import results_table, settings_table
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     run_spec = None
     try:
-        reg, run_spec = _prepare(spec, output)
-        with _bars() as bars:
-            engine = Engine(run_spec, reg, _reporter(bars), log=lambda m: err.print(Text(m), soft_wrap=True))
-            err.print(settings_table(engine.methods))
-            record = engine.run(checkpoints_from=checkpoints_from)
+        with stop_signals():  # SIGTERM (kill, a scheduler) stops the run as Ctrl-C does
+            reg, run_spec = _prepare(spec, output)
+            with _bars() as bars:
+                engine = Engine(run_spec, reg, _reporter(bars), log=lambda m: err.print(Text(m), soft_wrap=True))
+                err.print(settings_table(engine.methods))
+                record = engine.run(checkpoints_from=checkpoints_from)
     except UserError as exc:
         _fail(exc)
     except PluginError as exc:
         err.print(Text.assemble(("error:", "red"), " ", _one_line(str(exc))), soft_wrap=True)
         raise typer.Exit(1) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         where = run_spec.output if run_spec is not None else "the results folder"
-        err.print(f"interrupted: every finished epoch is saved in {where}; run the same command again to continue "
-                  "from the last one", highlight=False, soft_wrap=True)
-        raise typer.Exit(130) from None
+        _interrupted(exc, f"every finished epoch is saved in {where}; run the same command again to continue "
+                          "from the last one")
     _print_whole(out, results_table(record["summary"], engine.title(), record["cost"]))
     out.print(f"results: {engine.results_path}  ({record['time_s']['total']:.1f} s)", highlight=False)
     if record["failures"]:
@@ -60,7 +67,9 @@ def run(spec: Path = typer.Argument(..., help="run spec (YAML)"),
         output: Path = typer.Option(None, "--output", "-o", help="results folder (overrides the spec)")):
     """Train and evaluate what SPEC describes; write results.json and print the table.
 
-    Pairs (method, seed) already in the results folder with the same settings are skipped."""
+    Pairs (method, seed) already in the results folder with the same settings are skipped.
+    Stopped (Ctrl-C, or SIGTERM from kill or a scheduler), the run records it and exits
+    with code 130 (143 for SIGTERM); the same command continues it."""
     _execute(spec, output)
 
 

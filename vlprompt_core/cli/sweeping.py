@@ -10,8 +10,8 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from ..errors import UserError
-from .common import _bars, _fail, _one_line, _registry, _reporter, app, err, out
+from ..errors import StorageError, UserError, os_error, storage_problem
+from .common import _bars, _fail, _interrupted, _one_line, _registry, _reporter, app, err, out
 
 
 @app.command()
@@ -29,7 +29,10 @@ def sweep(sweep_file: Path = typer.Argument(..., metavar="SWEEP", help="sweep fi
     """Run every combination of a grid over a base run spec, each in its own folder.
 
     Runs already finished with the same settings are skipped, so the same command
-    continues an interrupted sweep. Exit code 1 if a run failed (the others go on)."""
+    continues an interrupted sweep. Exit code 1 if a run failed or was stopped (the
+    others go on). Stopped itself (Ctrl-C, or SIGTERM from kill or a scheduler), the
+    sweep stops its runs, each recording so, and exits with code 130 (143 for SIGTERM)."""
+    from ..engine import stop_signals
     from ..executors import make_executor
     from ..sweep import axis_names, expand, load_sweep, run_sweep, short_value
     from .reporting import _report  # not at the top: importing it registers `report`, listed after `sweep`
@@ -70,13 +73,17 @@ def sweep(sweep_file: Path = typer.Argument(..., metavar="SWEEP", help="sweep fi
                 err.print(line, soft_wrap=True)
 
             in_process = runner.name == "local" and jobs == 1
-            outcomes = run_sweep(plan, runs, runner, str(sweep_file), ended, _reporter(bars) if in_process else None)
+            with stop_signals():  # SIGTERM (kill, a scheduler) stops the sweep and its runs as Ctrl-C does
+                outcomes = run_sweep(plan, runs, runner, str(sweep_file), ended,
+                                     _reporter(bars) if in_process else None)
     except UserError as exc:
         _fail(exc)
-    except KeyboardInterrupt:
-        err.print(f"interrupted: {plan.output / 'sweep.json'} says which runs finished; run the same command again "
-                  "to continue", highlight=False, soft_wrap=True)
-        raise typer.Exit(130) from None
+    except OSError as exc:  # the sweep's own files (its lock, sweep.json): a full disk...
+        _fail(StorageError(storage_problem(os_error(exc), "give the sweep another output folder (output: in the "
+                                           "sweep file)") + "; then run the same command again to continue"))
+    except KeyboardInterrupt as exc:
+        _interrupted(exc, f"{plan.output / 'sweep.json'} says which runs finished; run the same command again to "
+                          "continue")
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
     out.print(Text(f"sweep: {len(runs)} runs ({summary}); index: {plan.output / 'sweep.json'}"), soft_wrap=True)
     if report and any(o.status in ("complete", "skipped") for o in outcomes.values()):
@@ -84,5 +91,5 @@ def sweep(sweep_file: Path = typer.Argument(..., metavar="SWEEP", help="sweep fi
             _report([plan.output], plan.output / "report", ["png", "svg"])
         except UserError as exc:
             _fail(exc)
-    if any(o.status == "failed" for o in outcomes.values()):
+    if any(o.status in ("failed", "interrupted") for o in outcomes.values()):  # interrupted: its process was stopped
         raise typer.Exit(1)

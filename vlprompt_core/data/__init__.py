@@ -7,11 +7,23 @@ layout scanner returns), the layouts on disk -- :mod:`~vlprompt_core.data.splitf
 (benchmark split files), :mod:`~vlprompt_core.data.folders` (class folders) and
 :mod:`~vlprompt_core.data.lists` (per-split text lists, a user's CSV or JSON) --,
 :mod:`~vlprompt_core.data.fewshot` (K shots per class), :mod:`~vlprompt_core.data.images`
-(transforms, reading an image, the image dataset) and :mod:`~vlprompt_core.data.loader`
-(batches through a DataLoader)."""
+(transforms, reading an image, the image dataset), :mod:`~vlprompt_core.data.loader`
+(batches through a DataLoader) and :mod:`~vlprompt_core.data.classes` (what every loaded
+dataset must be -- real, distinct classes -- and the fingerprint of what it holds)."""
 
 from __future__ import annotations
 
+from .classes import (
+    alike_names,
+    alike_problem,
+    check_dataset,
+    check_plan,
+    class_count_problem,
+    class_key,
+    data_fingerprint,
+    dataset_problems,
+    user_classes,
+)
 from .fewshot import sample_few_shot
 from .folders import (
     IMAGE_SUFFIXES,
@@ -70,6 +82,16 @@ __all__ = [
     "load_csv",
     "load_json_list",
     "scan_image_lists",
+    # what every dataset must be, and what it holds
+    "alike_names",
+    "alike_problem",
+    "check_dataset",
+    "check_plan",
+    "class_count_problem",
+    "class_key",
+    "data_fingerprint",
+    "dataset_problems",
+    "user_classes",
     # few-shot sampling
     "sample_few_shot",
     # transforms and reading images

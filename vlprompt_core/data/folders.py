@@ -6,13 +6,15 @@ folder of class folders as a dataset (:func:`load_class_folders`)."""
 
 from __future__ import annotations
 
+import os
 import random
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..api import ClassSet, DatasetSplits, Item
 from ..errors import UserError
+from .classes import user_classes
 from .paths import prompt_name
 from .scan import SPLITS, Scan, _first
 
@@ -23,22 +25,36 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
 
 
+def _has_image(folder: Path) -> bool:
+    """Whether ``folder`` holds an image (stops at the first one: cheap)."""
+    with os.scandir(folder) as entries:
+        return any(os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES and e.is_file() for e in entries)
+
+
+#: How to fix a class folder without images.
+EMPTY_FIX = ("every class needs images (a class without any still draws predictions, and accuracy falls): add its "
+             "images ({}), or remove the folder if it is not a class").format(", ".join(sorted(IMAGE_SUFFIXES)))
+
+
 @dataclass
 class FolderScan:
-    """The class folders found in one folder: items by label, and what does not fit."""
+    """The class folders found in one folder: items by label, and what does not fit
+    (``empty``: class folders found without any image)."""
 
     items: list[Item]
     found: set[str]
     extra: list[str]
     loose: list[Path]
+    empty: list[str] = field(default_factory=list)
 
 
 def scan_class_dirs(folder: Path, class_dirs: list[str], list_images: bool = True) -> FolderScan:
     """Images under ``folder/<class_dirs[label]>/``; sub-folders the list does not
-    have (``extra``) and images lying directly in ``folder`` (``loose``) are reported.
-    ``list_images=False`` only looks at the folder itself (cheap)."""
+    have (``extra``), images lying directly in ``folder`` (``loose``) and class folders
+    without images (``empty``) are reported. ``list_images=False`` only looks at the
+    folder itself and for a first image in each class folder (cheap)."""
     known = {d: label for label, d in enumerate(class_dirs)}
-    items, found, extra, loose = [], set(), [], []
+    items, found, extra, loose, empty = [], set(), [], [], []
     for entry in sorted(folder.iterdir()):
         if entry.is_dir():
             if entry.name not in known:
@@ -46,11 +62,21 @@ def scan_class_dirs(folder: Path, class_dirs: list[str], list_images: bool = Tru
                 continue
             found.add(entry.name)
             if list_images:
-                items += [Item(f, known[entry.name]) for f in _images_in(entry)]
+                images = _images_in(entry)
+                items += [Item(f, known[entry.name]) for f in images]
+            if not (images if list_images else _has_image(entry)):
+                empty.append(entry.name)
         elif entry.suffix.lower() in IMAGE_SUFFIXES:
             loose.append(entry)
     items.sort(key=lambda it: (it.label, str(it.path)))
-    return FolderScan(items, found, extra, loose)
+    return FolderScan(items, found, extra, loose, empty)
+
+
+def empty_folders_problem(folder: Path, empty: list[str], where: str = "") -> str:
+    """One line for class folders of ``folder`` without images."""
+    if len(empty) == 1:
+        return f"{folder / empty[0]}: class folder with no images{where}; {EMPTY_FIX}"
+    return f"{folder}: {len(empty)} class folders with no images{where}: {_first(empty)}; {EMPTY_FIX}"
 
 
 def class_folder_problems(folder: Path, scan: FolderScan, class_dirs: list[str], names: list[str],
@@ -64,6 +90,8 @@ def class_folder_problems(folder: Path, scan: FolderScan, class_dirs: list[str],
     if scan.extra:
         problems.append(f"{folder}: {len(scan.extra)} class folder(s) the dataset's class list does not have: "
                         f"{_first(scan.extra)}; remove or rename them (the class list has {len(class_dirs)} classes)")
+    if require_all and scan.empty:
+        problems.append(empty_folders_problem(folder, scan.empty))
     missing = [i for i, d in enumerate(class_dirs) if d not in scan.found]
     if require_all and missing:
         show = [class_dirs[i] if class_dirs[i] == names[i] else f"{class_dirs[i]} ({names[i]})" for i in missing]
@@ -128,6 +156,7 @@ def scan_class_folders(root: Path, classes: ClassSet, class_dirs: list[str], tes
         return scan
     if not test_only and has_split_dirs(root):
         found: set[str] = set()
+        filled: set[str] = set()
         for split in SPLITS:
             if not (root / split).is_dir():
                 continue
@@ -135,9 +164,13 @@ def scan_class_folders(root: Path, classes: ClassSet, class_dirs: list[str], tes
             scan.problems += class_folder_problems(root / split, fs, class_dirs, classes.names, require_all=False)
             scan.splits[split] = fs.items
             found |= fs.found
+            filled |= fs.found - set(fs.empty)
         missing = [class_dirs[i] for i in range(len(class_dirs)) if class_dirs[i] not in found]
         if missing:
             scan.problems.append(f"{root}: no folder for class(es) {_first(missing)} in train/, val/ or test/")
+        empty = [d for d in class_dirs if d in found and d not in filled]
+        if empty:
+            scan.problems.append(empty_folders_problem(root, empty, " in train/, val/ or test/"))
         return scan
     fs = scan_class_dirs(root, class_dirs, list_images)
     scan.problems += class_folder_problems(root, fs, class_dirs, classes.names)
@@ -196,7 +229,8 @@ def load_class_folders(
 
     Classes: ``classnames`` as a list (label order; each needs a folder of the same
     name, ``_`` and spaces alike), as a mapping ``{folder: class name}`` (label order
-    = mapping order), or by default the sorted folder names."""
+    = mapping order), or by default the sorted folder names. Two class names that read
+    alike in a prompt, and a class folder without images, are errors."""
     if not root.is_dir():
         raise UserError(f"{root}: dataset folder not found")
     if classnames is None:
@@ -206,11 +240,13 @@ def load_class_folders(
         if not train:
             raise UserError(f"{root}: no class subfolders (expected {root}/<class>/*.jpg, or train/ and test/ "
                             "holding class folders)")
-        class_dirs, names = train, train
+        class_dirs = train
+        classes = user_classes(train, templates, ensemble, f"{root}: class folders",
+                               "merge their images into one folder, or rename one")
     else:
-        class_dirs = folder_class_dirs(root, classnames, test_only)
         names = list(classnames.values()) if isinstance(classnames, dict) else list(classnames)
-    classes = ClassSet([prompt_name(str(n)) for n in names], list(templates), ensemble)
+        classes = user_classes(names, templates, ensemble, "classnames", "give each class once, under a name of its own")
+        class_dirs = folder_class_dirs(root, classnames, test_only)
     scan = scan_class_folders(root, classes, class_dirs, test_only=test_only, fractions=fractions)
     scan.raise_problems()
     return DatasetSplits(name, classes, scan.splits["train"], scan.splits["val"], scan.splits["test"])

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..api import ClassSet, DatasetSplits, Item
 from ..errors import UserError
+from .classes import user_classes
 from .folders import split_per_class
 from .paths import inside, prompt_name
 from .scan import SPLITS, Scan, _first
@@ -57,11 +58,14 @@ def scan_image_lists(folder: Path, image_dir: Path, lists: dict[str, str], suffi
 
 def _classes_from_rows(rows: list[tuple[str, str, str | None]], classnames, templates, ensemble, where: Path):
     """Class list of (path, class, split) rows: ``classnames`` (list, label order;
-    every class a row names must be in it) or the sorted class values."""
+    every class a row names must be in it) or the sorted class values (no two of which
+    may read alike in a prompt)."""
     values = sorted({r[1] for r in rows})
     if classnames is None:
         names, index = values, {v: i for i, v in enumerate(values)}
+        what, fix = f"{where}: class values", "write each class the same way in every row"
     else:
+        what, fix = "classnames", "give each class once, under a name of its own"
         if isinstance(classnames, dict):
             keys, names = [str(k) for k in classnames], [str(v) for v in classnames.values()]
         else:
@@ -74,7 +78,7 @@ def _classes_from_rows(rows: list[tuple[str, str, str | None]], classnames, temp
         if unknown:
             raise UserError(f"{where}: class(es) not in the class list: {_first(unknown)} (the class list has "
                             f"{len(names)} classes)")
-    classes = ClassSet([prompt_name(n) for n in names], list(templates), ensemble)
+    classes = user_classes(names, templates, ensemble, what, fix)
     return classes, lambda v: index[v] if v in index else index[prompt_name(v)]
 
 
@@ -176,6 +180,9 @@ def _load_split_dict(name, path, data, base, templates, classnames, ensemble) ->
             raise UserError(f"{path}: no row names label(s) {_first(gaps) or '0'}: give the class list "
                             "(classnames) so every label has a name")
         classnames = [by_label[i] for i in range(len(by_label))]
+        what, fix = f"{path}: the class names of labels", "name each class the same way in every row, and two classes differently"
+    else:
+        what, fix = "classnames", "give each class once, under a name of its own"
     names = list(classnames.values()) if isinstance(classnames, dict) else list(classnames)
-    classes = ClassSet([prompt_name(c) for c in names], list(templates), ensemble)
+    classes = user_classes(names, templates, ensemble, what, fix)
     return load_split_file(name, path, base, classes)

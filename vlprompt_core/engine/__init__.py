@@ -17,7 +17,7 @@ from .batches import ImageBatches, ViewBatches, forward, make_batch
 from .checkpoints import PairFiles, load_checkpoint, save_checkpoint, state_path
 from .context import ProgressReporter, RunContext, autocast, resolve_device, resolve_precision, set_seed
 from .evaluate import evaluate
-from .faults import PairFailed, PluginError, log_traceback
+from .faults import PairFailed, PluginError, Terminated, exit_code, interruption, log_traceback, stop_signals
 from .fit import fit
 from .optim import lr_at, make_optimizer, optimizer_groups, trainable_parameters
 from .run import Engine
@@ -28,4 +28,5 @@ __all__ = [
     "lr_at", "make_optimizer", "optimizer_groups", "trainable_parameters",
     "save_checkpoint", "load_checkpoint", "state_path", "log_traceback",
     "set_seed", "resolve_device", "resolve_precision", "autocast",
+    "Terminated", "interruption", "exit_code", "stop_signals",
 ]

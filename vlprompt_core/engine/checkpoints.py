@@ -5,7 +5,6 @@ trains, its training state (:mod:`~vlprompt_core.trainstate`)."""
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,18 +15,14 @@ from safetensors.torch import load_file
 from ..api import PromptMethod
 from ..errors import UserError
 from ..recipes import ResolvedMethod
+from ..spec.checks import file_label
 from ..trainstate import Position, atomic_save, load_state, save_state
-from .optim import trainable_parameters
+from .optim import divergence, trainable_parameters
 
 
 def state_path(checkpoint: Path) -> Path:
     """Where the training state beside a pair's checkpoint goes (:mod:`~vlprompt_core.trainstate`)."""
     return checkpoint.with_name(checkpoint.name.removesuffix(".safetensors") + ".state.safetensors")
-
-
-def file_label(label: str) -> str:
-    """A method label as it can appear in a file name."""
-    return re.sub(r"[^A-Za-z0-9_.#+-]", "_", label)
 
 
 def save_checkpoint(method: PromptMethod, path: Path, metadata: dict[str, str]) -> None:
@@ -37,15 +32,22 @@ def save_checkpoint(method: PromptMethod, path: Path, metadata: dict[str, str]) 
 
 
 def load_checkpoint(method: PromptMethod, path: Path, expect: dict[str, str]) -> None:
-    """Load trained parameters into ``method``, checking that they belong to it."""
+    """Load trained parameters into ``method``, checking that they belong to it: the
+    checkpoint's metadata holds every key of ``expect`` (what it must have been trained
+    as) with that value; it holds every tensor the method trains, each of its shape,
+    finite and not exploded (:func:`~.optim.divergence`)."""
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
         tensors = load_file(str(path))
     except (OSError, SafetensorError) as exc:
         raise UserError(f"{path}: not a readable checkpoint ({exc})") from None
-    for key in ("method", "options"):
-        if key in meta and meta[key] != expect[key]:
+    missing = [key for key in expect if key not in meta]
+    if missing:
+        raise UserError(f"{path}: does not say what it was trained as (no {', '.join(missing)} in its metadata); "
+                        "only checkpoints written by 'vlprompt run' can be scored")
+    for key in expect:
+        if meta[key] != expect[key]:
             raise UserError(f"{path}: trained as {key} {meta[key]}, the spec has {expect[key]}")
     params = trainable_parameters(method)
     if set(tensors) != set(params):
@@ -53,6 +55,11 @@ def load_checkpoint(method: PromptMethod, path: Path, expect: dict[str, str]) ->
     for name, p in params.items():
         if tensors[name].shape != p.shape:
             raise UserError(f"{path}: {name} is {list(tensors[name].shape)}, the method has {list(p.shape)}")
+    problem = divergence({name: tensors[name] for name in params})
+    if problem:
+        raise UserError(f"{path}: {problem}; these prompts diverged and cannot be scored (train them again "
+                        "with a lower train.lr)")
+    for name, p in params.items():
         with torch.no_grad():
             p.copy_(tensors[name].to(p.device, p.dtype))
 
@@ -89,8 +96,9 @@ class PairFiles:
         save_checkpoint(method, self.output / self.checkpoint, {**self.metadata, "epoch": str(epoch)})
 
     def load_into(self, method: PromptMethod, path: Path) -> None:
-        """Prompts trained earlier (``vlprompt eval --from``), checked against this pair's settings."""
-        load_checkpoint(method, path, self.metadata)
+        """Prompts trained earlier (``vlprompt eval --from``), checked against this pair's
+        settings: its method, options and seed."""
+        load_checkpoint(method, path, {k: self.metadata[k] for k in ("method", "options", "seed")})
 
     def save_state(self, method, optimizer, data_state: torch.Tensor, position: Position, log: list[dict]) -> None:
         save_state(self.state, method, optimizer, data_state, position, log, self.identity)

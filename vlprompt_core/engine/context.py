@@ -19,6 +19,7 @@ from ..data import UnreadableImages
 from ..errors import UserError
 from ..features import FeatureStore
 from ..plugins import Registry
+from ..settings import device_type, resolve_precision
 from . import faults
 
 
@@ -60,18 +61,11 @@ def set_seed(seed: int) -> None:
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(device_type(name))
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"train.device: {name!r} asked for, but CUDA is not available")
     return device
-
-
-def resolve_precision(device: torch.device, precision: str) -> str:
-    """``auto``: bf16 on CUDA, fp32 elsewhere."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
 
 
 def autocast(device: torch.device, precision: str):

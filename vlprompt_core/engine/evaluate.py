@@ -15,6 +15,8 @@ from ..settings import TrainSpec
 from .batches import check_scores, forward, image_loader, make_batch
 from .context import RunContext, autocast
 from .extract import test_features
+from .faults import PairFailed
+from .optim import trainable_parameters
 
 
 def eval_batches(label: str, method: PromptMethod, eval_set: EvalSet, settings: TrainSpec,
@@ -49,6 +51,22 @@ def eval_batches(label: str, method: PromptMethod, eval_set: EvalSet, settings: 
     ctx.progress.stop(task)
 
 
+def check_finite(label: str, method: PromptMethod, scores: torch.Tensor, eval_set: EvalSet,
+                 settings: TrainSpec) -> None:
+    """Non-finite scores rank nothing: the pair fails (the other pairs go on)."""
+    bad = ~torch.isfinite(scores).all(-1)
+    if not bad.any():
+        return
+    value = scores[~torch.isfinite(scores)][0].item()
+    if trainable_parameters(method) and settings.epochs > 0:
+        hint = (f"with its prompts trained {settings.epochs} epoch(s) at learning rate {settings.lr:g}; "
+                "try a lower train.lr")
+    else:
+        hint = "from a method that trains nothing: its plug-in or the backbone computes them"
+    raise PairFailed(f"{label}: its scores on {eval_set.name} are not finite ({value} for {int(bad.sum())} of "
+                     f"{len(scores)} images in a batch) {hint} (the other pairs go on)")
+
+
 @torch.no_grad()
 def evaluate(label: str, method: PromptMethod, eval_set: EvalSet, settings: TrainSpec, ctx: RunContext) -> float:
     """Top-1 accuracy (%) of ``method`` on ``eval_set`` under its own classifier."""
@@ -61,6 +79,7 @@ def evaluate(label: str, method: PromptMethod, eval_set: EvalSet, settings: Trai
         with autocast(ctx.device, settings.precision):
             scores = method.predict(forward(method, batch))
         check_scores(method, scores, batch, len(eval_set.classes))
+        check_finite(label, method, scores, eval_set, settings)
         correct += (scores.argmax(-1) == batch.labels).sum().item()
         scored += len(batch.labels)  # unreadable images left out are not scored
     if not scored:

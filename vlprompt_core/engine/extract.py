@@ -53,7 +53,7 @@ def train_views(backbone, items: list[Item], tf, settings: TrainSpec, ctx: RunCo
         ctx.progress.stop(task)
         return Features(torch.stack(views), torch.cat(labels), dict(left_out.reasons))
 
-    return ctx.features.get(key, "train views", compute, ctx.unreadable)
+    return ctx.features.get(key, "train views", compute, ctx.unreadable, items)
 
 
 def test_features(backbone, eval_set: EvalSet, settings: TrainSpec, ctx: RunContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,5 +74,5 @@ def test_features(backbone, eval_set: EvalSet, settings: TrainSpec, ctx: RunCont
             raise UserError(f"{eval_set.name}: none of its {len(eval_set.items)} images could be read")
         return Features(torch.cat(feats), torch.cat(labels), dict(left_out.reasons))
 
-    found = ctx.features.get(key, f"features: {eval_set.name}", compute, ctx.unreadable)
+    found = ctx.features.get(key, f"features: {eval_set.name}", compute, ctx.unreadable, eval_set.items)
     return found.features.to(ctx.device), found.labels.to(ctx.device)

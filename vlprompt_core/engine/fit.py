@@ -1,5 +1,6 @@
 """The training loop of one (method, seed) pair: epochs of steps over the plan's
-training items, the learning-rate schedule, the loss check, and the state saved
+training items, the learning-rate schedule, the divergence checks (a non-finite
+loss, trainable tensors non-finite or exploded, after every step), and the state saved
 after every epoch (and every ``train.checkpoint_every`` steps) so that a run
 stopped at any moment continues exactly where it was."""
 
@@ -13,13 +14,13 @@ from .. import textbook
 from ..api import PromptMethod
 from ..data import train_transform
 from ..settings import TrainSpec
-from ..trainstate import Position
+from ..trainstate import Position, check_position
 from .batches import ImageBatches, ViewBatches, check_scores, forward, image_loader
 from .checkpoints import PairFiles
 from .context import RunContext, autocast
 from .extract import train_views
 from .faults import PairFailed
-from .optim import lr_at, make_optimizer, optimizer_groups, set_lr
+from .optim import divergence, lr_at, make_optimizer, optimizer_groups, set_lr, trainable_parameters
 
 
 def train_batches(label: str, method: PromptMethod, plan, settings: TrainSpec, seed: int,
@@ -38,11 +39,19 @@ def train_batches(label: str, method: PromptMethod, plan, settings: TrainSpec, s
     return ImageBatches(method, loader, ctx.device, settings.precision)
 
 
+def diverged(what: str, epoch: int, lr: float, settings: TrainSpec) -> PairFailed:
+    """A pair whose training diverged (a non-finite loss, trainable tensors non-finite
+    or exploded) fails alone, saying where and what to try."""
+    return PairFailed(f"{what} in epoch {epoch + 1} of {settings.epochs} at learning rate {lr:g}; "
+                      "try a lower train.lr (the other pairs go on)")
+
+
 def fit(label: str, seed: int, method: PromptMethod, plan, settings: TrainSpec, files: PairFiles,
         ctx: RunContext) -> tuple[list[dict], int]:
     """Train ``method`` on the plan's training items: one log entry per epoch, and
     how many images went through a training step in this process."""
     optimizer = make_optimizer(optimizer_groups(method), settings)
+    params = trainable_parameters(method)
     batches = train_batches(label, method, plan, settings, seed, ctx)
     method.set_classes(plan.classes)
     method.train()
@@ -51,6 +60,7 @@ def fit(label: str, seed: int, method: PromptMethod, plan, settings: TrainSpec, 
     resumed = files.resume(method, optimizer, batches.generator)
     if resumed is not None:
         at, log = resumed
+        check_position(files.state, at, settings.epochs, len(batches))
         where = f"step {at.step} of epoch {at.epoch + 1}" if at.step else f"epoch {at.epoch}"
         ctx.log(f"{label} seed {seed}: resuming after {where} of {settings.epochs} ({files.state})")
     task = ctx.progress.start(f"{label} seed {seed}: train", settings.epochs * len(batches))
@@ -71,12 +81,13 @@ def fit(label: str, seed: int, method: PromptMethod, plan, settings: TrainSpec, 
                 loss = method.loss(out, batch)
             check_scores(method, out.logits, batch, len(plan.classes))
             if not torch.isfinite(loss):
-                raise PairFailed(
-                    f"{label} seed {seed}: the loss became {loss.item()} in epoch {epoch + 1} of {settings.epochs} "
-                    f"at learning rate {lr:g}; try a lower train.lr (the other pairs go on)")
+                raise diverged(f"{label} seed {seed}: the loss became {loss.item()}", epoch, lr, settings)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            problem = divergence(params)
+            if problem:
+                raise diverged(f"{label} seed {seed}: {problem}", epoch, lr, settings)
             n = len(labels)
             trained += n
             total += loss.item() * n

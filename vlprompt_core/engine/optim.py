@@ -62,3 +62,30 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Every group at ``lr`` times its own ``lr_scale``."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]
+
+
+#: A trainable value beyond this magnitude means that training diverged. What prompt
+#: methods train (context vectors in the token-embedding space, about 0.01 to 1; scales;
+#: small networks) lives near 1. At 1e6 a float32 cannot take a step smaller than 0.06
+#: (the value no longer trains) and half precision (at most 65504) cannot hold it at all,
+#: so no sane run gets there, while a diverging one passes it within a step or two.
+EXPLODED = 1e6
+
+
+def divergence(tensors: dict[str, torch.Tensor]) -> str | None:
+    """What is wrong with trainable ``tensors`` that diverged (``"ctx became nan"``,
+    ``"ctx exploded to 6.5e+10 (beyond ±1e+06)"``), or None. Sane tensors cost one
+    reduction and one device sync."""
+    tensors = {n: t.detach() for n, t in tensors.items() if t.numel()}
+    if not tensors:
+        return None
+    device = next(iter(tensors.values())).device
+    peak = torch.stack([t.abs().max().float().to(device) for t in tensors.values()]).max()
+    if peak.item() <= EXPLODED:  # False for NaN too
+        return None
+    for name, t in tensors.items():
+        bad = t[~torch.isfinite(t)]
+        if bad.numel():
+            return f"{name} became {bad[0].item()}"
+    name, t = max(tensors.items(), key=lambda nt: nt[1].abs().max().item())
+    return f"{name} exploded to {t.abs().max().item():.2g} (beyond ±{EXPLODED:g})"

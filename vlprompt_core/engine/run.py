@@ -12,6 +12,7 @@ pair whose settings are unchanged, e.g. after one more plug-in is installed unde
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +24,8 @@ import torch
 from .. import __version__, textbook
 from ..api import ContractError, EvalSet, PromptMethod, ProtocolContext
 from ..cost import PeakMemory
-from ..errors import UserError
+from ..data import check_dataset, check_plan, data_fingerprint
+from ..errors import StorageError, UserError, storage_problem
 from ..features import FeatureStore
 from ..lock import FolderLock
 from ..plugins import Registry
@@ -31,12 +33,12 @@ from ..prompting import text_chunking
 from ..recipes import ResolvedMethod
 from ..results import aggregate, aggregate_cost, markdown_table, package_versions
 from ..settings import TrainSpec
-from ..spec import resolve_methods, spec_hash
+from ..spec import dataset_sections, resolve_methods, spec_hash
 from . import record as rec
 from .checkpoints import PairFiles
 from .context import ProgressReporter, RunContext, resolve_device, set_seed
 from .evaluate import evaluate
-from .faults import PairFailed, PluginError
+from .faults import PairFailed, PluginError, interruption
 from .fit import fit
 from .optim import trainable_parameters
 
@@ -59,6 +61,7 @@ class Engine:
         self.ctx = RunContext(self.output, resolve_device(self.spec.train.device), self.registry,
                               FeatureStore(self.spec.train.feature_cache, log=self.log), self.log, self.progress)
         self._datasets: dict[str, Any] = {}
+        self._data_key: str | None = None
 
     @property
     def device(self) -> torch.device:
@@ -69,11 +72,25 @@ class Engine:
         return self.ctx.features
 
     def load_dataset(self, section):
+        """The dataset ``section`` names, loaded once; one that is not what every dataset
+        must be (:func:`~vlprompt_core.data.dataset_problems`) is refused."""
         key = section.model_dump_json()
         if key not in self._datasets:
             entry = self.registry.get("dataset", section.name)
-            self._datasets[key] = self.ctx.plugin_call("dataset", section.name, "load", lambda: entry.load(section))
+            ds = self.ctx.plugin_call("dataset", section.name, "load", lambda: entry.load(section))
+            self._datasets[key] = check_dataset(ds)
         return self._datasets[key]
+
+    def key_by_data(self) -> None:
+        """Load every dataset the spec names (:func:`~vlprompt_core.spec.dataset_sections`)
+        and fold what they hold (:func:`~vlprompt_core.data.data_fingerprint`) into each
+        method's key, once: results, checkpoints and training states made with other
+        data are never taken for this run's."""
+        if self._data_key is None:
+            sections = dataset_sections(self.spec, self.registry)
+            self._data_key = data_fingerprint([self.load_dataset(section) for _, section in sections])
+            for m in self.methods:
+                m.key = rec.sha256(f"{m.key}:data:{self._data_key}".encode())[:12]
 
     def method_labels(self) -> list[str]:
         return [m.label for m in self.methods]
@@ -96,19 +113,56 @@ class Engine:
         previous = vlprompt_kernels.use_backend(choice) if choice is not None else None
         try:
             return self._run(checkpoints_from)
+        except OSError as exc:  # one of the run's own files, before its record could say so (or after)
+            raise StorageError(self._storage_problem(exc)) from exc
         finally:
             if choice is not None:
                 vlprompt_kernels.use_backend(previous)
+
+    def _storage_problem(self, exc: OSError) -> str:
+        """One line for a file of the run that the file system refused, saying what to do."""
+        where = Path(os.path.abspath(exc.filename)) if isinstance(exc.filename, (str, os.PathLike)) else None
+        places = ((self.spec.train.feature_cache, "set train.feature_cache to another folder (or leave it out)"),
+                  (self.output, "give the run another output folder (--output)"))
+        elsewhere = next((advice for folder, advice in places if folder is not None and where is not None
+                          and Path(os.path.abspath(folder)) in (where, *where.parents)), None)
+        return f"{storage_problem(exc, elsewhere)}; then run the same command again to continue"
+
+    def _stopped(self, record: rec.RunRecord, exc: BaseException) -> BaseException:
+        """What a run stopped by ``exc`` raises, once its record says why (where it can
+        be written; where not, the error says so): an interruption, the user's error, an
+        error of the file system (:class:`StorageError`), or a crash."""
+        if isinstance(exc, OSError):
+            exc = StorageError(self._storage_problem(exc))
+        if isinstance(exc, KeyboardInterrupt):
+            status, error = "interrupted", interruption(exc)
+        elif isinstance(exc, UserError):
+            status, error = "failed", "; ".join(exc.problems)
+        else:
+            status, error = "failed", f"{type(exc).__name__}: {exc}"
+        try:
+            record.end(status, error=error)
+        except OSError as failed:
+            unsaved = f"{record.path} could not be updated ({failed.strerror or failed}), so it does not say so"
+            if isinstance(exc, UserError):
+                exc.problems[-1] += f"; {unsaved}"
+                exc.args = ("\n".join(exc.problems),)
+            else:
+                self.log(f"error: {unsaved}")
+        return exc
 
     def _run(self, checkpoints_from: Path | None) -> dict:
         spec = self.spec
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
         sources = rec.checkpoint_sources(checkpoints_from) if checkpoints_from is not None else None
-        wanted = {(rec.run_key(m, s, sources), s) for m in self.methods for s in spec.train.seeds}
+        td = time.perf_counter()
+        self.key_by_data()
+        timings["dataset"] = time.perf_counter() - td
+        wanted = [(m.label, rec.run_key(m, s, sources), s) for m in self.methods for s in spec.train.seeds]
         with FolderLock(self.output, log=self.log):
             runs = rec.previous_runs(self.results_path, wanted, self.log)
-            done = {(r["key"], r["seed"]) for r in runs}
+            done = {(r["method"], r["key"], r["seed"]) for r in runs}
             distributions = sorted({s.distribution for s in self.registry.sources.values()
                                     if s.distribution not in ("vlprompt", "?")})
             data = {
@@ -123,15 +177,11 @@ class Engine:
             record = rec.RunRecord(self.results_path, data)
             try:
                 self._run_pairs(record, done, sources, timings)
-            except KeyboardInterrupt:
-                record.end("interrupted", error="stopped by the user (Ctrl-C)")
-                raise
-            except UserError as exc:
-                record.end("failed", error="; ".join(exc.problems))
-                raise
-            except Exception as exc:
-                record.end("failed", error=f"{type(exc).__name__}: {exc}")
-                raise
+            except BaseException as exc:
+                stop = self._stopped(record, exc)
+                if stop is exc:
+                    raise
+                raise stop from exc
 
             order = {m.label: i for i, m in enumerate(self.methods)}
             runs.sort(key=lambda r: (order.get(r["method"], len(order)), r["seed"]))
@@ -145,7 +195,7 @@ class Engine:
     def _run_pairs(self, record: rec.RunRecord, done: set, sources: rec.Sources | None,
                    timings: dict[str, float]) -> None:
         """Build the backbone, load the data, then train and score every pair not done.
-        A pair whose loss stops being finite, or whose method plug-in fails, is recorded
+        A pair that diverges (loss, tensors or scores), or whose method plug-in fails, is recorded
         in the record's failures and the other pairs go on."""
         spec, ctx = self.spec, self.ctx
         tb = time.perf_counter()
@@ -160,21 +210,19 @@ class Engine:
             for capability in getattr(self.registry.get("method", m.name).build, "requires", ()):
                 backbone.require(capability, f"method {m.label!r} ({m.name})")
         timings["backbone"] = time.perf_counter() - tb
-        td = time.perf_counter()
-        dataset = self.load_dataset(spec.dataset)
+        dataset = self.load_dataset(spec.dataset)  # loaded (and timed) by key_by_data
         protocol = self.registry.get("protocol", spec.protocol.name)
-        timings["dataset"] = time.perf_counter() - td
         ctx.notify("vlprompt_run_start", spec=record.data["spec"])
 
         for seed in spec.train.seeds:
             plan = ctx.plugin_call("protocol", spec.protocol.name, f"seed {seed}", lambda: protocol.plan(
                 spec.protocol, ProtocolContext(dataset, seed, self.load_dataset)))
-            rec.save_sample(self.output, seed, plan.sample)
+            check_plan(plan, f"protocol {spec.protocol.name}")
+            rec.save_sample(self.output, seed, plan.sample, self.log)
             for m in self.methods:
                 key = rec.run_key(m, seed, sources)
-                if (key, seed) in done:
+                if (m.label, key, seed) in done:
                     self.log(f"{m.label} seed {seed}: already in {self.results_path}, skipped")
-                    record.relabel(key, seed, m.label)
                     continue
                 source = sources.get((m.label, seed)) if sources is not None else None
                 files = PairFiles.of(self.output, m, seed)

@@ -11,6 +11,8 @@
 * :func:`init_context` — context vectors from words or random.
 * :func:`class_text_features` — frozen hand-crafted class features (one template
   or an ensemble), as zero-shot CLIP and methods' priors use them.
+* :func:`prompt_length_problem` — the one rule for a prompt longer than the text
+  context (refused, naming the class), which every prompt above follows.
 
 Image-independent features are cached per evaluation with
 :meth:`vlprompt_core.api.PromptMethod.cached`.
@@ -39,7 +41,15 @@ from .chunking import (
     rows_per_pass,
     text_chunking,
 )
-from .handcrafted import ENSEMBLE_TEMPLATES, TemplateChoice, check_templates, class_text_features, templates_for
+from .handcrafted import (
+    ENSEMBLE_TEMPLATES,
+    TemplateChoice,
+    check_templates,
+    class_text_features,
+    handwritten_length_problem,
+    prompt_length_problem,
+    templates_for,
+)
 from .learned import CLASS_NAME, Context, PromptTable, PromptTemplate, init_context
 
 __all__ = [
@@ -55,7 +65,9 @@ __all__ = [
     "check_templates",
     "class_text_features",
     "current_text_chunking",
+    "handwritten_length_problem",
     "init_context",
+    "prompt_length_problem",
     "rows_per_pass",
     "templates_for",
     "text_chunking",

@@ -16,6 +16,7 @@ from .. import textbook
 from ..api import BlockHook, TextPrefix, VisionLanguageBackbone
 from ..errors import UserError
 from .chunking import _in_chunks, rows_per_pass
+from .handcrafted import prompt_length_problem
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,14 @@ class PromptTemplate:
                 slots += [-1] * len(words[i])
         return ids + [backbone.eot_id], slots + [-1]
 
+    def describe(self, name: str) -> str:
+        """The prompt for class ``name`` as text, context slots shown as ``[N context vectors]``."""
+        text = ""
+        for p in self.pieces:
+            word = f"[{p.stop - p.start} context vectors]" if isinstance(p, Context) else name if p == CLASS_NAME else p
+            text += (" " if text and word[:1].isalnum() or word[:1] == "[" else "") + word  # "." joins the name
+        return text.strip()
+
     def __repr__(self) -> str:
         return f"PromptTemplate{self.pieces!r}"
 
@@ -117,11 +126,11 @@ class PromptTable(nn.Module):
         self.n_ctx = template.n_ctx
         rows = [template.layout(backbone, n) for n in names]
         longest = max(len(ids) for ids, _ in rows)
-        if longest > backbone.context_length:
-            raise UserError(
-                f"method: prompts of {longest} tokens exceed the context length {backbone.context_length} "
-                "(fewer context vectors, or shorter class names)"
-            )
+        problem = prompt_length_problem([(n, template.describe(n), len(ids)) for n, (ids, _) in zip(names, rows)],
+                                        backbone.context_length,
+                                        "use fewer context vectors (n_ctx), or shorten the class name (classnames)")
+        if problem:
+            raise UserError(problem)
         device = backbone.positional_embedding.device
         width = backbone.context_length if textbook.active() else longest  # the reference pads to 77
         ids = torch.zeros(len(rows), width, dtype=torch.long)

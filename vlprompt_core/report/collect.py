@@ -47,23 +47,43 @@ class Study:
     duplicates: int = 0
 
 
+def _text(value, what: str) -> str:
+    """``value`` when it is text (names, keys); a file holding something else is not
+    what ``vlprompt run`` writes (TypeError)."""
+    if not isinstance(value, str):
+        raise TypeError(f"{what} is {json.dumps(value)[:60]}, not text")
+    return value
+
+
 def _backbone(section: dict) -> str:
     """The backbone's model (a model config file by its stem), else its name."""
-    model = section.get("model") or section["name"]
-    return Path(model).stem if str(model).endswith(".json") else str(model)
+    model = _text(section.get("model") or section["name"], "backbone.model")
+    return Path(model).stem if model.endswith(".json") else model
 
 
 def _group(spec: dict) -> Group:
     protocol = spec["protocol"]
-    targets = tuple(t["name"] for t in protocol.get("targets") or ())
-    return Group(protocol["name"], spec["dataset"]["name"], _backbone(spec["backbone"]), protocol.get("shots"), targets)
+    targets = tuple(_text(t["name"], "a target's name") for t in protocol.get("targets") or ())
+    shots = protocol.get("shots")
+    if shots is not None and type(shots) is not int:
+        raise TypeError(f"protocol.shots is {json.dumps(shots)[:60]}, not a number of shots")
+    return Group(_text(protocol["name"], "protocol.name"), _text(spec["dataset"]["name"], "dataset.name"),
+                 _backbone(spec["backbone"]), shots, targets)
 
 
 def _pairs(record: dict, folder: str, root: str = "") -> list[Pair]:
+    """The pairs of a results file's content; what is not the shape ``vlprompt run``
+    writes raises (KeyError, TypeError, ValueError), so that the file is skipped whole."""
     group = _group(record["spec"])
-    return [Pair(group, r["method"], r.get("name", r["method"]), r["key"], int(r["seed"]),
-                 {k: float(v) for k, v in r["summary"].items()}, r.get("cost"), folder, root)
-            for r in record["runs"]]
+    pairs = [Pair(group, _text(r["method"], "a run's method"), _text(r.get("name", r["method"]), "a run's name"),
+                  _text(r["key"], "a run's key"), int(r["seed"]),
+                  {_text(k, "a metric"): float(v) for k, v in r["summary"].items()}, r.get("cost"), folder, root)
+             for r in record["runs"]]
+    metrics = {frozenset(p.summary) for p in pairs}
+    if len(metrics) > 1 or frozenset() in metrics:
+        names = sorted(", ".join(sorted(m)) or "none" for m in metrics)
+        raise ValueError(f"its runs do not all have the same metrics: {' / '.join(names)}")
+    return pairs
 
 
 def _folder(path: Path, root: Path) -> tuple[str, str]:
@@ -86,14 +106,20 @@ def results_files(dirs: list[Path]) -> list[tuple[Path, Path]]:
 def read_study(dirs: list[Path], warn: Callable[[str], None]) -> Study:
     """Every finished pair in the results files under ``dirs``; a file that is not
     vlprompt results is one warning. No results at all is a :class:`UserError`."""
-    study, seen = Study(), set()
+    study, seen, metrics = Study(), set(), {}
     for root, path in results_files(dirs):
         try:
             record = json.loads(path.read_text())
             pairs = _pairs(record, *_folder(path, root))
+            for pair in pairs:  # a group's numbers are one table: the same metrics in every file
+                if set(pair.summary) != set(metrics.get(pair.group, pair.summary)):
+                    raise ValueError(f"its metrics {sorted(pair.summary)} are not those of the other results of "
+                                     f"{pair.group.protocol} on {pair.group.dataset}: {sorted(metrics[pair.group])}")
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             warn(f"{path}: not a vlprompt results file, skipped ({type(exc).__name__}: {exc})")
             continue
+        for pair in pairs:
+            metrics.setdefault(pair.group, pair.summary)
         study.files.append(path)
         if record.get("status") != "complete":
             study.incomplete.append((path, str(record.get("status"))))

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import typing
 from pathlib import Path
 from typing import Any
 
 from ..api import DatasetRef
+from ..datacheck import prompt_problems
 from ..errors import UserError
 from ..plugins import Registry
 from ..recipes import resolve_method
@@ -53,10 +56,13 @@ def check_spec(spec, reg: Registry, source: str = "spec") -> None:
         entry = reg.get("dataset", section.name)
         if entry.check is not None:
             problems += [f"{source}: {where}: {p}" for p in _checked(entry.check, section, where)]
+    methods = []
     try:
-        resolve_methods(spec, reg)
+        methods = resolve_methods(spec, reg)
     except UserError as exc:
         problems += [f"{source}: {p}" for p in exc.problems]
+    if not problems:  # prompts against the text context, once the backbone and datasets check out
+        problems += [f"{source}: {p}" for p in prompt_problems(reg, spec.backbone, dataset_sections(spec, reg), methods)]
     if problems:
         raise UserError(*problems)
 
@@ -71,14 +77,19 @@ def _checked(check, section, where: str) -> list[str]:
 
 def folder_problem(path: Path) -> str | None:
     """Why ``path`` cannot be a folder vlprompt writes in, or None: a file where the
-    folder, or a folder above it, must be, or a path the system refuses."""
+    folder, or a folder above it, must be, a folder this user cannot write in (a
+    read-only file system included), or a path the system refuses."""
     if "\0" in str(path):
         return f"{str(path)!r} is not a valid path (it holds a NUL character)"
     try:
         for above in (path, *path.parents):
             if above.exists():
                 if above.is_dir():
-                    return None
+                    if os.access(above, os.W_OK | os.X_OK):
+                        return None
+                    if above == path:
+                        return f"{path} is not writable"
+                    return f"{above} is not writable, so the folder {path} cannot be made in it"
                 if above == path:
                     return f"{path} is a file, not a folder"
                 return f"{above} is a file, so the folder {path} cannot be made in it"
@@ -87,14 +98,39 @@ def folder_problem(path: Path) -> str | None:
     return None
 
 
+def file_label(label: str) -> str:
+    """A method label as it can appear in a file name."""
+    return re.sub(r"[^A-Za-z0-9_.#+-]", "_", label)
+
+
 def method_labels(spec) -> list[str]:
     """The name each method section has in the results: its ``label`` or its method
-    name, with ``#2``, ``#3`` ... appended when a name repeats."""
-    labels, seen = [], {}
+    name, with ``#2``, ``#3`` ... appended when a name repeats. Each section's name is
+    its own: names that would pool two sections in one row (a label equal to the
+    ``coop#2`` another section is given) or in one file (``a b`` and ``a_b``; ``A`` and
+    ``a``, one name where file names ignore case) are a :class:`UserError`, a line each."""
+    labels, numbered, seen = [], [], {}
     for m in spec.method:
         base = m.label or m.name
         seen[base] = seen.get(base, 0) + 1
         labels.append(base if seen[base] == 1 else f"{base}#{seen[base]}")
+        numbered.append(seen[base] > 1)
+    first: dict[str, int] = {}
+    problems = []
+    for i, label in enumerate(labels):
+        j = first.setdefault(file_label(label).casefold(), i)
+        if j == i:
+            continue
+        if label != labels[j]:
+            why = f"is one file name with method[{j}]'s {labels[j]!r}"
+        else:
+            why = f"is method[{j}]'s as well"
+            if numbered[i] or numbered[j]:
+                base = label.rsplit("#", 1)[0]
+                why += f" (a repeated {base!r} is named {base}#2, {base}#3, ...)"
+        problems.append(f"method[{i}]: the label {label!r} {why}: give each method section a label of its own")
+    if problems:
+        raise UserError(*problems)
     return labels
 
 

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from ..errors import UserError
 from ..plugins import Registry
+from ..yamlload import load as load_yaml, yaml_problem
 from .model import build_spec_model
 
 
@@ -116,27 +117,20 @@ def _read_text(path: Path) -> str:
         raise UserError(f"{path}: not a text file (no UTF-8 at byte {exc.start}): a run spec is YAML") from None
 
 
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    """One line for a YAML error: where, and what (``while parsing ..., expected ...``)."""
-    mark = getattr(exc, "problem_mark", None)
-    where = f"line {mark.line + 1}: " if mark else ""
-    what = ", ".join(filter(None, (getattr(exc, "context", None), getattr(exc, "problem", None))))
-    return f"{where}invalid YAML ({what or str(exc).strip().splitlines()[0]})"
-
-
 def read_yaml(path: Path, empty: str) -> Any:
     """The data of a small YAML file (a run or sweep spec); ``empty`` says what the
     file should hold when it holds nothing.
 
     Whatever the file holds, the outcome is its data or a :class:`UserError`: a
-    folder, a binary or huge file, invalid or too deeply nested YAML, tags that
-    construct Python objects (refused by ``safe_load``) and alias bombs included."""
+    folder, a binary or huge file, invalid or too deeply nested YAML, a key given twice
+    in one mapping (:func:`~vlprompt_core.yamlload.load`), tags that construct Python
+    objects (refused by ``safe_load``) and alias bombs included."""
     path = Path(path)
     text = _read_text(path)
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
-        raise UserError(f"{path}: {_yaml_problem(exc)}") from None
+        raise UserError(f"{path}: {yaml_problem(exc)}") from None
     except RecursionError:
         raise UserError(f"{path}: invalid YAML (nested too deeply): not a run spec") from None
     except (ValueError, OverflowError) as exc:  # a scalar no Python value holds: 2001-02-30, a 5,000-digit number

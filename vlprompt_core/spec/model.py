@@ -4,7 +4,6 @@ section a union of the registered plug-ins' options models, told apart by ``name
 from __future__ import annotations
 
 import typing
-from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
@@ -13,7 +12,7 @@ from pydantic_core import PydanticCustomError
 from ..api import DatasetRef
 from ..errors import UserError
 from ..plugins import Registry
-from ..settings import TrainOverride, TrainSpec
+from ..settings import Folder, TrainOverride, TrainSpec
 
 
 def _section_models(
@@ -134,7 +133,7 @@ def build_spec_model(reg: Registry) -> type[BaseModel]:
         dataset=(dataset, ...),
         protocol=(protocol, ...),
         train=(TrainSpec, Field(default_factory=TrainSpec)),
-        output=(Optional[Path], Field(None, description="results folder (default: runs/<spec file name>)")),
+        output=(Optional[Folder], Field(None, description="results folder (default: runs/<spec file name>)")),
         loggers=(
             _logger_list(reg),
             Field(default_factory=list, description="loggers enabled for the run, each {name: <a registered "

@@ -13,7 +13,8 @@ holds other Python objects is refused rather than run.
 Where each part lives: :mod:`.options` (what a spec sets, and the defaults),
 :mod:`.checkpoints` (reading weight files without running them),
 :mod:`.pretrained` (checking options, pretrained tags and the hub, making the
-model), :mod:`.backbone` (:class:`OpenClipBackbone`), :mod:`.blocks` (the
+model), :mod:`.tokens` (how long a text is, told without weights),
+:mod:`.backbone` (:class:`OpenClipBackbone`), :mod:`.blocks` (the
 transformer blocks run by hand); here, :func:`build_open_clip` and the
 ``vlprompt_backbones`` hook that registers the backbone (this package is the
 module :data:`vlprompt_core.plugins.BUILTIN_PLUGINS` names).
@@ -28,6 +29,7 @@ from ...api import BackboneEntry
 from .backbone import OpenClipBackbone
 from .options import EMBEDDED_CONFIG, EMBEDDED_MODEL, EMBEDDED_WEIGHTS, OPENAI_MEAN, OPENAI_STD, OpenClipOptions
 from .pretrained import REACH_TIMEOUT, _cached_weights, _create_open_clip_model, check_open_clip
+from .tokens import open_clip_text_context
 
 #: What this module offers (``_cached_weights`` for the tests), as before it was split.
 __all__ = [
@@ -53,5 +55,6 @@ def vlprompt_backbones():
             build=build_open_clip,
             description="any open_clip model: pretrained tag, checkpoint file, or the embedded tiny CLIP",
             check=check_open_clip,
+            text_context=open_clip_text_context,
         )
     ]

@@ -176,6 +176,14 @@ def check_open_clip(opts: OpenClipOptions) -> list[str]:
             problems.append(
                 f"backbone.pretrained: no tag {opts.pretrained!r} for {opts.model!r} (tags: {tags}), and no such file"
             )
+    elif opts.pretrained is not None and config is not None and not problems:
+        if not open_clip.get_pretrained_cfg(config.stem, opts.pretrained):  # tags are open_clip's, by model name
+            takes = "'embedded' (its own weights) or " if opts.model == EMBEDDED_MODEL else ""
+            problems.append(
+                f"backbone.pretrained: no tag {opts.pretrained!r} for {opts.model!r} (pretrained tags name the "
+                f"weights of open_clip's own models), and no such file; it takes {takes}a checkpoint file, or null "
+                "(random weights)"
+            )
     return problems
 
 
