@@ -215,7 +215,10 @@ def test_eval_from_refuses_non_finite_or_exploded_prompts(world, trained, tmp_pa
     folder, ckpt = take(trained, tmp_path)
     tensors = {k: torch.full_like(v, value) for k, v in load_file(str(ckpt)).items()}
     save_file(tensors, str(ckpt), metadata=metadata(ckpt))
-    refused(eval_from(world, monkeypatch, tmp_path, folder), ckpt, "ctx")
+    error = refused(eval_from(world, monkeypatch, tmp_path, folder), ckpt, "ctx")
+    assert ("nan" if value != value else "inf" if abs(value) == float("inf") else "exploded") in error
+    record = json.loads((tmp_path / "scored" / "results.json").read_text())
+    assert record["status"] == "failed" and not record["runs"]  # nothing was scored
 
 
 @pytest.mark.parametrize("where", ["absolute", "parent"])
