@@ -56,6 +56,14 @@ class TouchesBackbone(Sound):
         return super().forward(batch)
 
 
+class HoldsBackbone(Sound):
+    """Keeps the backbone in a submodule of its own, back in the module tree."""
+
+    def __init__(self, backbone, classes, options):
+        super().__init__(backbone, classes, options)
+        self.towers = nn.ModuleDict({"frozen": backbone})
+
+
 class IgnoresNewClasses(Sound):
     """set_classes keeps the classifier it was built with."""
 
@@ -68,7 +76,8 @@ class Plugin:
     @hookimpl
     def vlprompt_methods(self):
         return [MethodEntry(n, Opts, cls, "") for n, cls in
-                [("sound", Sound), ("touches_backbone", TouchesBackbone), ("ignores_classes", IgnoresNewClasses)]]
+                [("sound", Sound), ("touches_backbone", TouchesBackbone), ("ignores_classes", IgnoresNewClasses),
+                 ("holds_backbone", HoldsBackbone)]]
 
 
 class TestSound(MethodContract):
@@ -84,6 +93,11 @@ class TestTouchesBackbone(MethodContract):
 class TestIgnoresNewClasses(MethodContract):
     method = "ignores_classes"
     plugin = Plugin()
+
+
+class TestHoldsBackbone(MethodContract):
+    method = "holds_backbone"
+    plugin = Plugin()
 '''
 
 
@@ -97,7 +111,7 @@ def test_broken_methods_fail_the_contract(pytester):
             cls, test = report.nodeid.split("::")[1:3]
             outcomes.setdefault(cls, {}).setdefault(test.split("[")[0], set()).add(report.outcome)
     assert all(o == {"passed"} for o in outcomes["TestSound"].values()), outcomes["TestSound"]
-    assert len(outcomes["TestSound"]) == 11  # every test of the battery ran
+    assert len(outcomes["TestSound"]) == 12  # every test of the battery ran
     failed = lambda cls: {t for t, o in outcomes[cls].items() if "failed" in o}  # noqa: E731
     assert failed("TestTouchesBackbone") == {
         "test_a_step_changes_trainable_parameters_and_nothing_else",
@@ -108,3 +122,45 @@ def test_broken_methods_fail_the_contract(pytester):
         "test_permuting_class_names_permutes_scores",
         "test_runs_under_every_protocol",  # base2novel scores novel classes
     }
+    assert "test_the_backbone_is_out_of_the_methods_reach" in failed("TestHoldsBackbone")
+
+
+# ------------------------------------------------- the backbone is not the method's
+
+
+class _Toy:
+    """A method with one parameter, built on the tiny backbone (made lazily)."""
+
+    @staticmethod
+    def build(backbone):
+        import torch
+        from torch import nn
+
+        from vlprompt_core.api import ClassSet, Options, PromptMethod
+
+        class Toy(PromptMethod):
+            def __init__(self, backbone, classes, options):
+                super().__init__(backbone, classes, options)
+                self.ctx = nn.Parameter(torch.zeros(2, backbone.text_width))
+                self.head = nn.Linear(2, 2)
+
+        return Toy(backbone, ClassSet(["a", "b"]), Options())
+
+
+def test_the_backbone_is_out_of_the_methods_module_tree(tiny_backbone):
+    import torch
+
+    method = _Toy.build(tiny_backbone)
+    assert method.backbone is tiny_backbone
+    frozen = {id(p) for p in tiny_backbone.parameters()}
+    assert [n for n, p in method.named_parameters()] == ["ctx", "head.weight", "head.bias"]
+    assert not frozen & {id(p) for p in method.parameters()}
+    assert set(method.state_dict()) == {"ctx", "head.weight", "head.bias"}
+    visited = []
+    method.apply(visited.append)
+    assert not any(m is tiny_backbone for m in visited) and len(visited) == 2  # head, the method
+    method.half()  # e.g. a plug-in's own test; the shared backbone stays as it was
+    assert method.ctx.dtype == torch.float16
+    assert all(p.dtype == torch.float32 for p in tiny_backbone.parameters())
+    method.backbone = tiny_backbone  # assigned again by a subclass: still not a submodule
+    assert "backbone" not in dict(method.named_children())

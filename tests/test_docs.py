@@ -64,3 +64,29 @@ def test_the_example_method_in_the_docs_runs(tiny_backbone):
     method.loss(out, Batch(labels=torch.tensor([0, 2]))).backward()
     assert method.ctx.grad is not None and method.log_temperature.grad is not None
     assert [g.weight_decay for g in optimizer_groups(method)] == [None, 0.0]
+
+
+def test_the_example_method_states_what_it_uses(tiny_backbone):
+    text = (DOCS / "writing-plugins.md").read_text()
+    code = re.search(r"## A method\n.*?```python\n(.*?)```", text, flags=re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, "writing-plugins.md", "exec"), namespace)
+    from vlprompt_core.api import BackboneInfo
+    from vlprompt_core.errors import UserError
+
+    (entry,) = namespace["vlprompt_methods"]()
+    info = BackboneInfo.of(tiny_backbone)
+    used = entry.effective(entry.options(ctx_init="a photo of"), info)
+    assert used.options.n_ctx == 3 and used.notes  # one vector per token of the words, said
+    with pytest.raises(UserError, match="n_ctx: 2, but ctx_init 'a photo of a' makes 4"):
+        entry.effective(entry.options(n_ctx=2, ctx_init="a photo of a"), info)
+
+
+def test_hooks_md_tells_the_three_kinds_of_hook_apart():
+    text = (DOCS / "hooks.md").read_text()
+    section = text.split("## Which hook is which\n", 1)[1].split("\n## ", 1)[0]
+    for kind in ("Registration hooks", "Lifecycle hooks", "A method's training hooks", "Block hooks"):
+        assert f"**{kind}**" in section, kind
+    for name in ("parameter_groups", "loss", "predict", "on_epoch_end", "effective_options", "block_hook"):
+        assert f"`{name}" in section, name
+    assert "Published.average" in text

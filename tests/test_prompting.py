@@ -252,3 +252,56 @@ def test_context_from_words_equals_zero_shot_prompt_for_punctuated_names(bb):
     with torch.no_grad():
         ours = F.normalize(table.encode(bb, ctx), dim=-1)
     assert torch.allclose(ours, class_text_features(bb, names, ["a photo of a {}."]), atol=1e-5)
+
+
+# ------------------------------------------------------------ leading words, deep prompts
+
+
+def test_leading_words_learns_the_first_tokens_and_keeps_the_rest(bb):
+    from vlprompt_core.prompting import leading_words
+
+    template, ctx = leading_words(bb, "a photo of a", 2)
+    assert template.pieces == (Context(0, 2), "of a", "{}", ".")
+    assert torch.equal(ctx, bb.embed_tokens(torch.tensor(bb.tokenize_words("a photo"))).float())
+    ids, slots = template.layout(bb, "apple pie")
+    whole = bb.tokenize(["a photo of a apple pie."])[0]  # the official prompt, tokenised as one string
+    x = bb.tokenize_words("X")[0]
+    assert ids == [whole[0].item(), x, x, *whole[3 : len(ids)].tolist()]
+    assert slots == [-1, 0, 1] + [-1] * (len(ids) - 3)
+    every, _ = leading_words(bb, "a photo of a", 4)  # all of it learned: CoOp's "a photo of a" prompt
+    assert every.pieces == (Context(0, 4), "{}", ".")
+
+
+def test_leading_words_refuses_what_cannot_be_split(bb):
+    from vlprompt_core.prompting import leading_words, leading_words_problem
+
+    with pytest.raises(UserError, match="n_ctx 5 must be between 1 and the 4 tokens of ctx_init 'a photo of a'"):
+        leading_words(bb, "a photo of a", 5)
+    with pytest.raises(UserError, match="between 1 and the 0 tokens"):
+        leading_words(bb, "", 2)
+    # a word of several tokens cannot be cut: counts as a fake tokenizer gives them
+    tokens = {"a": 1, "a photograph": 3, "a photograph of": 4}
+    problem = leading_words_problem(lambda text: tokens[text], "a photograph of", 2)
+    assert problem == ("n_ctx 2 ends inside the word 'photograph' of ctx_init 'a photograph of'; the first n_ctx "
+                       "tokens must be whole words (word ends at 1, 3, 4 tokens)")
+    assert leading_words_problem(lambda text: tokens[text], "a photograph of", 3) is None
+
+
+def test_replace_slots_and_the_vision_hook():
+    from vlprompt_core.prompting import append_prompts, prompt_depth, replace_slots, vision_prompt_hook
+
+    x = torch.zeros(2, 5, 3)
+    slots = torch.tensor([[-1, 0, 1, -1, -1], [-1, -1, 1, 0, -1]])
+    prompt = torch.tensor([[1.0, 1, 1], [2, 2, 2]])
+    out = replace_slots(x, slots, prompt)
+    assert out[:, :, 0].tolist() == [[0, 1, 2, 0, 0], [0, 0, 2, 1, 0]]
+
+    tokens = torch.zeros(2, 4, 3)
+    first, deep = torch.ones(2, 3), [torch.full((2, 3), 7.0)]
+    y = append_prompts(tokens, first)
+    assert y.shape == (2, 6, 3) and y[:, 4:].eq(1).all() and y[:, :4].eq(0).all()
+    hook = vision_prompt_hook(deep)
+    assert hook(0, y) is y and hook(2, y) is y  # block 0 has the appended prompts; no prompts for block 2
+    z = hook(1, y + 0.5)
+    assert z.shape == y.shape and z[:, 4:].eq(7).all() and z[:, :4].eq(0.5).all()
+    assert [prompt_depth(9, 12), prompt_depth(9, 4), prompt_depth(0, 4)] == [9, 4, 0]

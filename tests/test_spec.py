@@ -215,3 +215,77 @@ def test_crop_scale_must_be_an_ordered_fraction(base, registry):
     assert TrainSpec().crop_scale == (0.08, 1.0)  # the reference transform by default
     base["train"]["crop_scale"] = [0.9, 0.5]
     assert problems(base, registry) == ["spec: train.crop_scale: Value error, needs 0 < low <= high <= 1"]
+
+
+# ------------------------------------------- what validate tells of options on the backbone
+
+
+def validate_cli(tmp_path, data) -> tuple[int, list[str], list[str]]:
+    """``vlprompt validate`` of ``data``: exit code, stdout lines, error lines."""
+    from typer.testing import CliRunner
+
+    from vlprompt_core.cli import app
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(app, ["validate", str(path)], env={"COLUMNS": "300"})
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    return result.exit_code, result.stdout.splitlines(), errors
+
+
+def test_validate_refuses_an_n_ctx_that_ctx_init_contradicts(base, registry, tmp_path):
+    # today's CoOp would silently learn 4 vectors (one per token of the words), not 5
+    code, _, errors = validate_cli(tmp_path, with_(base, method={"name": "coop", "n_ctx": 5,
+                                                                 "ctx_init": "a photo of a"}))
+    assert code == 2
+    assert errors == [f"error: {tmp_path / 'spec.yaml'}: method 'coop': method.n_ctx: 5, but ctx_init 'a photo of "
+                      "a' makes 4 context vectors (one per token); drop n_ctx, or set ctx_init: '' for 5 random "
+                      "vectors"]
+    # one line per section: CoCoOp's n_ctx against its default words, and CoOp's again
+    code, _, errors = validate_cli(tmp_path, with_(base, method=[
+        {"name": "cocoop", "n_ctx": 8}, {"name": "coop", "n_ctx": 2, "ctx_init": "a photo of a"}]))
+    assert code == 2 and len(errors) == 2
+    assert "method 'cocoop': method.n_ctx: 8, but ctx_init 'a photo of a' makes 4" in errors[0]
+    assert "method 'coop': method.n_ctx: 2" in errors[1]
+
+
+def test_validate_says_which_settings_a_method_uses_on_this_backbone(base, registry, tmp_path):
+    code, out, errors = validate_cli(tmp_path, with_(base, method=[
+        {"name": "coop", "ctx_init": "a photo of a"}, {"name": "provp", "prompt_depth": 9}, {"name": "cocoop"}]))
+    assert code == 0 and not errors, errors
+    # one line per change, its reason included (not said twice)
+    assert [line for line in out if line.startswith(("coop:", "provp:", "coop uses", "provp uses"))] == [
+        "coop: n_ctx 4: one context vector per token of ctx_init 'a photo of a'",
+        "provp: prompt_depth 9 -> 2: the image tower has 2 blocks"]  # the tiny config's image tower has 2 blocks
+    assert not [line for line in out if line.startswith(("cocoop uses", "cocoop:"))]  # as asked: nothing to say
+
+
+def test_validate_resolves_the_used_settings_without_loading_weights(base, registry, monkeypatch):
+    import open_clip
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("validate made the model")
+
+    monkeypatch.setattr(open_clip, "create_model", no_model)
+    (m,) = resolve_methods(validate_spec(with_(base, method={"name": "provp", "prompt_depth": 9}), registry), registry)
+    assert (m.options.prompt_depth, m.used.prompt_depth) == (9, 2)
+
+
+def test_run_says_which_settings_a_method_uses_before_it_trains(base, registry, tmp_path):
+    from typer.testing import CliRunner
+
+    from vlprompt_core.cli import app
+
+    data = with_(base, method={"name": "coop", "ctx_init": "a photo of a"}, protocol={"name": "few_shot", "shots": 1},
+                 train={"epochs": 1, "batch_size": 8, "seeds": [1], "device": "cpu"}, output=str(tmp_path / "out"))
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(app, ["run", str(path)], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.stderr
+    lines = result.stderr.splitlines()
+    said = lines.index("coop: n_ctx 4: one context vector per token of ctx_init 'a photo of a'")
+    assert not any("done in" in line for line in lines[:said])  # before any step is done
+    import json
+
+    described = json.loads((tmp_path / "out" / "results.json").read_text())["methods"]["coop"]
+    assert (described["options"]["n_ctx"], described["used"]["n_ctx"]) == (16, 4)

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from vlprompt_core import prompting
 from vlprompt_core.prompting import (
+    Context,
     PromptTable,
     PromptTemplate,
     current_text_chunking,
@@ -272,3 +273,175 @@ def test_any_table_and_layout_matches_the_full_pass(bb, n_cls, n_ctx, position, 
         got_f, got_g = features_and_grad(lambda c: table.encode(bb, c), ctx, seed)
     assert_close(got_f, want_f)
     assert_close(got_g, want_g)
+
+
+# ------------------------------------------------------------- hooks with a context
+
+
+@pytest.fixture(scope="module")
+def deep_bb(tmp_path_factory):
+    """A tiny backbone with 4 text blocks (deep prompts before blocks 1, 2, 3)."""
+    import json
+
+    from vlprompt_core.builtin.open_clip_backbone import OpenClipOptions, build_open_clip
+    from vlprompt_core.testing import TINY_CONFIG
+
+    config = json.loads(json.dumps(TINY_CONFIG))
+    config["text_cfg"]["layers"] = 4
+    path = tmp_path_factory.mktemp("deep") / "tiny_deep.json"
+    path.write_text(json.dumps(config))
+    torch.manual_seed(0)
+    return build_open_clip(OpenClipOptions(model=str(path), pretrained=None))
+
+
+def by_position(deep: list[torch.Tensor], n_ctx: int):
+    """The reference deep-prompt hook, as the official code writes it: before block l >= 1
+    the states at positions 1 .. n_ctx become deep[l - 1] (context right after the start token)."""
+
+    def hook(layer, x):
+        if not 1 <= layer <= len(deep):
+            return x
+        return torch.cat([x[:, :1], deep[layer - 1].expand(x.shape[0], -1, -1), x[:, 1 + n_ctx :]], dim=1)
+
+    return hook
+
+
+def deep_prompts_of(bb, n_ctx, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n_ctx, bb.text_width, generator=g) * 0.5).requires_grad_(True)
+            for _ in range(bb.text_depth - 1)]
+
+
+def grads_of(encode, ctx0, deep0, seed=1):
+    """Features of ``encode(ctx, deep)`` and the gradients of a fixed random loss w.r.t. ``ctx`` and ``deep``."""
+    ctx = ctx0.detach().clone().requires_grad_(True)
+    deep = [d.detach().clone().requires_grad_(True) for d in deep0]
+    feats = encode(ctx, deep)
+    (feats * torch.randn(feats.shape, generator=torch.Generator().manual_seed(seed))).sum().backward()
+    return feats.detach(), [ctx.grad, *(d.grad for d in deep)]
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 3, "auto"])
+@pytest.mark.parametrize("lead", [(), (3, 1)], ids=["shared", "per-image"])
+def test_deep_text_prompts_keep_the_shared_prefix_pass(deep_bb, monkeypatch, chunk, lead):
+    """MaPLe's layout: a slots-only context hook runs on the shared prefix once per group and
+    gives the features and gradients of the plain full pass with a position-writing hook."""
+    from vlprompt_core.prompting import leading_words, text_prompt_hook
+
+    bb = deep_bb
+    template, _ = leading_words(bb, "a photo of a", 2)
+    table = PromptTable(bb, NAMES, template)
+    assert table.slots_in_prefix and table.prefix_length == 5  # [SOS] ctx ctx of a
+    ctx, deep = random_ctx(*lead, 2, width=bb.text_width), deep_prompts_of(bb, 2)
+
+    def full(c, d):
+        prompts = table.assemble(bb, c)
+        *rows, length, width = prompts.shape
+        ids = table.token_ids.expand(*prompts.shape[:-1]).reshape(-1, length)
+        feats = bb.encode_text_embeddings(prompts.reshape(-1, length, width), ids, block_hook=by_position(d, 2),
+                                          add_positional=False)
+        return feats.reshape(*rows, -1)
+
+    want_f, want_g = grads_of(full, ctx, deep)
+    counts = {"prefix": 0, "full": 0}
+    prefix_pass, full_pass_ = bb.encode_text_prefix, bb.encode_text_embeddings
+    monkeypatch.setattr(bb, "encode_text_prefix", lambda *a, **k: counts.__setitem__("prefix", counts["prefix"] + 1)
+                        or prefix_pass(*a, **k))
+    monkeypatch.setattr(bb, "encode_text_embeddings", lambda *a, **k: counts.__setitem__("full", counts["full"] + 1)
+                        or full_pass_(*a, **k))
+    if chunk == "auto":  # a budget of 2 suffixes per pass
+        per_row = 3 * bb.text_width * 4 * prompting.ACTIVATION_VECTORS_PER_TOKEN * bb.text_depth
+        monkeypatch.setattr(prompting.chunking, "AUTO_CHUNK_BUDGET", 10 * per_row)
+    with text_chunking(chunk):
+        got_f, got_g = grads_of(lambda c, d: table.encode(bb, c, block_hook=text_prompt_hook(d)), ctx, deep)
+    assert counts == {"prefix": 1, "full": 0}
+    assert_close(got_f, want_f)
+    for got, want in zip(got_g, want_g):
+        assert want.abs().sum() > 0
+        assert_close(got, want)
+    # and the deep prompts matter: without them the features differ
+    with torch.no_grad():
+        assert not torch.allclose(table.encode(bb, ctx), want_f, atol=1e-3)
+
+
+def test_the_context_says_which_rows_and_slots(deep_bb):
+    from vlprompt_core.api import ContextHook
+
+    bb = deep_bb
+    table = PromptTable(bb, NAMES, PromptTemplate(Context(0, 2), "of a", "{}", "."))
+    seen = []
+
+    def record(layer, x, context):
+        if layer == 0:
+            seen.append((x.shape, context))
+        return x
+
+    ctx = random_ctx(2, 1, 2, width=bb.text_width)
+    with torch.no_grad(), text_chunking(3):
+        table.encode(bb, ctx, block_hook=ContextHook(record))  # not slots-only: the whole pass, chunked
+    assert [s[0][0] for s in seen] == [3, 3, 3, 3, 2]  # 2 groups x 7 classes in chunks of 3
+    classes = torch.cat([c.classes for _, c in seen])
+    groups = torch.cat([c.groups for _, c in seen])
+    assert classes.tolist() == list(range(len(NAMES))) * 2
+    assert groups.tolist() == [0] * len(NAMES) + [1] * len(NAMES)
+    for shape, c in seen:
+        assert c.tower == "text" and c.part == "whole"
+        assert c.slots.shape == shape[:2]  # cut to the length the hook sees
+        assert torch.equal(c.slots, table.slots[c.classes, : shape[1]])
+        assert (c.slots[:, 1:3] == torch.tensor([0, 1])).all() and (c.slots[:, 3:] == -1).all()
+
+    seen.clear()
+    with torch.no_grad():
+        table.encode(bb, ctx, block_hook=ContextHook(record, slots_only=True))
+    [(shape, c)] = seen
+    assert c.part == "prefix" and c.classes is None and c.groups.tolist() == [0, 1]
+    assert shape == (2, table.prefix_length, bb.text_width)
+    assert c.slots.tolist() == [[-1, 0, 1, -1, -1]] * 2
+
+    seen.clear()
+    x = bb.embed_image(torch.randn(3, 3, 16, 16))
+    with torch.no_grad():
+        bb.encode_image_tokens(x, block_hook=ContextHook(record))
+    [(shape, c)] = seen
+    assert c.tower == "image" and c.groups.tolist() == [0, 1, 2] and c.slots is None and c.classes is None
+
+
+def test_slots_only_hook_runs_whole_prompts_when_the_slots_are_not_all_shared(deep_bb, calls):
+    """Class name in front: the context follows it, the prefix is the start token alone."""
+    from vlprompt_core.prompting import text_prompt_hook
+
+    bb = deep_bb
+    table = PromptTable(bb, NAMES, PromptTemplate.with_context(2, "middle"))  # ctx0 {} ctx1 .
+    assert not table.slots_in_prefix
+    ctx, deep = random_ctx(2, width=bb.text_width), deep_prompts_of(bb, 2)
+
+    def reference(layer, x):  # the slot positions differ per class here
+        if not 1 <= layer <= len(deep):
+            return x
+        out = x.clone()
+        rows, cols = torch.nonzero(table.slots[:, : x.shape[1]] >= 0, as_tuple=True)
+        out[rows, cols] = deep[layer - 1][table.slots[rows, cols]]
+        return out
+
+    with torch.no_grad():
+        got = table.encode(bb, ctx, block_hook=text_prompt_hook(deep))
+        want = full_pass_with(bb, table, ctx, reference)
+    assert calls == {"prefix": 0, "suffix": 0}
+    assert_close(got, want)
+
+
+def full_pass_with(bb, table, ctx, hook):
+    prompts = table.assemble(bb, ctx)
+    length, width = prompts.shape[-2:]
+    return bb.encode_text_embeddings(prompts.reshape(-1, length, width), table.token_ids, block_hook=hook,
+                                     add_positional=False)
+
+
+def test_a_slots_only_hook_that_changes_other_tokens_is_a_contract_error(deep_bb):
+    from vlprompt_core.api import ContextHook, ContractError
+
+    bb = deep_bb
+    table = PromptTable(bb, NAMES, PromptTemplate(Context(0, 2), "{}", "."))
+    liar = ContextHook(lambda layer, x, context: x + 1.0 if layer == 1 else x, slots_only=True)
+    with torch.no_grad(), pytest.raises(ContractError, match="slots_only but changed a token"):
+        table.encode(bb, random_ctx(2, width=bb.text_width), block_hook=liar)

@@ -3,8 +3,14 @@
 A :class:`Recipe` holds training settings (any field of the spec's ``train``
 section) and option defaults, plus :class:`RecipeRule` s that apply only under
 some protocols, datasets or shot counts (e.g. CoOp's epochs per shot count,
-BPL's Monte-Carlo samples per dataset). Rules apply in order; a later match
-overrides an earlier one.
+BPL's Monte-Carlo samples per dataset), or on some backbones (family, depth and
+width of a tower: :class:`~vlprompt_core.api.BackboneInfo`). Rules apply in order;
+a later match overrides an earlier one.
+
+Then the method settles the resolved options on the backbone
+(:meth:`~vlprompt_core.api.PromptMethod.effective_options`): what it actually uses
+(e.g. a prompt depth clamped to a shallower tower) is :attr:`ResolvedMethod.used`,
+with its :attr:`~ResolvedMethod.notes`.
 
 Resolution, per method section of a run spec (:func:`resolve_method`): what the
 user wrote in the spec wins (the method's own ``train:`` overrides, then the
@@ -29,7 +35,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from .api import Recipe, RecipeCondition, RecipeRule  # noqa: F401 - plug-ins import them from here
+from .api import BackboneInfo, Recipe, RecipeCondition, RecipeRule  # noqa: F401 - plug-ins import them from here
 from .errors import UserError
 from .settings import TrainOverride, TrainSpec, device_type, resolve_precision
 
@@ -57,7 +63,14 @@ class ResolvedMethod:
     ``sources`` tells, for each train field and option, where its value came from:
     ``"spec"``, ``"recipe"`` or ``"default"``. ``key`` identifies what the
     (method, seed) results depend on: two sections with the same key give the
-    same results, so a finished one is never trained again.
+    same results, so a finished one is never trained again. It is made of
+    ``options`` (spec and recipe), not of ``used``: those follow from ``options``
+    and the backbone section, which the key holds, so keys stay what they were.
+
+    ``used`` are the options the method uses on the backbone (what
+    :meth:`~vlprompt_core.api.MethodEntry.effective` returned for it, :meth:`settle`),
+    ``notes`` say why they differ from ``options``; the engine builds the method
+    with ``used``.
     """
 
     label: str
@@ -66,24 +79,76 @@ class ResolvedMethod:
     train: Any  # a TrainSpec
     sources: dict[str, str] = field(default_factory=dict)
     key: str = ""
+    used: Any = None
+    notes: tuple[str, ...] = ()
+
+    def settle(self, entry, backbone: BackboneInfo) -> None:
+        """Set :attr:`used` and :attr:`notes` from the method's effective options on
+        ``backbone``; its conflicts are a :class:`UserError` naming the section."""
+        try:
+            effective = entry.effective(self.options, backbone)
+        except UserError as exc:
+            raise UserError(*[f"method {self.label!r}: {p}" for p in exc.problems]) from None
+        self.used, self.notes = effective.options, tuple(effective.notes)
+
+    def changed(self) -> dict[str, tuple[Any, Any]]:
+        """``{option: (asked for, used)}`` for every option the method settled otherwise."""
+        if self.used is None:
+            return {}
+        asked, used = _options(self.options), _options(self.used)
+        return {k: (asked.get(k), v) for k, v in used.items() if asked.get(k) != v}
+
+    def settled_lines(self) -> list[str]:
+        """What the method uses where it differs from what it was asked, for people: its
+        notes (a line each, they say why), or one line of the changed values when it
+        gave none; nothing where it uses what it was asked."""
+        if self.notes:
+            return [f"{self.label}: {note}" for note in self.notes]
+        changed = self.changed()
+        return [f"{self.label} uses " + ", ".join(f"{k}={used!r} (asked {asked!r})"
+                                                  for k, (asked, used) in changed.items())] if changed else []
 
     def describe(self) -> dict[str, Any]:
-        """Plain data for ``results.json``."""
-        return {
+        """Plain data for ``results.json``: ``used`` and ``notes`` once settled."""
+        out = {
             "name": self.name,
             "key": self.key,
-            "options": self.options.model_dump(mode="json", exclude={"name", "label", "train"}),
+            "options": _options(self.options),
             "train": self.train.model_dump(mode="json"),
             "sources": self.sources,
         }
+        if self.used is not None:
+            out.update(used=_options(self.used), notes=list(self.notes))
+        return out
 
 
-def run_context(spec) -> dict[str, Any]:
-    """What recipe rules look at: protocol, dataset trained on, shots."""
+def _options(options) -> dict[str, Any]:
+    """A method section's options as plain data, without what every section has."""
+    return options.model_dump(mode="json", exclude={"name", "label", "train"})
+
+
+def backbone_info(spec, registry) -> BackboneInfo:
+    """What the spec's backbone entry tells without loading weights
+    (:attr:`~vlprompt_core.api.BackboneEntry.info`); an empty :class:`BackboneInfo`
+    (nothing known) when it tells nothing, or its options are wrong (its ``check``
+    says why)."""
+    entry = registry.get("backbone", spec.backbone.name)
+    if entry.info is None:
+        return BackboneInfo()
+    try:
+        return entry.info(spec.backbone) or BackboneInfo()
+    except (UserError, OSError):
+        return BackboneInfo()
+
+
+def run_context(spec, backbone: BackboneInfo | None = None) -> dict[str, Any]:
+    """What recipe rules look at: protocol, dataset trained on, shots, and what the
+    backbone is (family, depth and width of each tower)."""
     return {
         "protocol": spec.protocol.name,
         "dataset": spec.dataset.name,
         "shots": getattr(spec.protocol, "shots", None),
+        **(backbone or BackboneInfo()).matched(),
     }
 
 
@@ -103,9 +168,19 @@ _TRAINING_ONLY = {"epochs", "batch_size", "optimizer", "lr", "momentum", "weight
                   "warmup_epochs", "warmup_lr", "crop_scale", "augment_views"}
 
 
-def resolve_method(spec, section, label: str, entry) -> ResolvedMethod:
-    """Decide every train setting and option of one method section (spec > recipe > default)."""
-    recipe_train, recipe_options = (entry.recipe.for_context(run_context(spec)) if entry.recipe else ({}, {}))
+def resolve_method(spec, section, label: str, entry, backbone: BackboneInfo | None = None) -> ResolvedMethod:
+    """Decide every train setting and option of one method section (spec > recipe > default),
+    then settle the options on ``backbone`` (:meth:`ResolvedMethod.settle`)."""
+    backbone = backbone or BackboneInfo()
+    context = run_context(spec, backbone)
+    if entry.recipe:  # a rule that would apply but for what the backbone cannot tell
+        unknown = sorted({k for rule in entry.recipe.rules if (missing := rule.when.unknown(context))
+                          and rule.when.model_copy(update=dict.fromkeys(missing)).matches(context)
+                          for k in missing})
+        if unknown:
+            raise UserError(f"method {label!r}: its recipe has rules on the backbone's {', '.join(unknown)}, which "
+                            f"backbone {spec.backbone.name!r} cannot tell before loading its weights")
+    recipe_train, recipe_options = (entry.recipe.for_context(context) if entry.recipe else ({}, {}))
 
     # train: defaults < recipe < top-level spec < the section's own overrides
     user_train = spec.train.model_dump(include=spec.train.model_fields_set)
@@ -142,6 +217,13 @@ def resolve_method(spec, section, label: str, entry) -> ResolvedMethod:
 
     resolved = ResolvedMethod(label, section.name, options, train, sources)
     resolved.key = method_key(spec, resolved, entry.trains)
+    try:
+        resolved.settle(entry, backbone)
+    except UserError:
+        raise
+    except Exception as exc:  # a fault in the plug-in, not the user's: one line all the same, never a traceback
+        raise UserError(f"method {label!r}: {section.name}'s effective_options raised {type(exc).__name__}: {exc} "
+                        "(a fault in its plug-in: report it to its authors)") from exc
     return resolved
 
 
@@ -155,7 +237,7 @@ def method_key(spec, resolved: ResolvedMethod, trains: bool = True) -> str:
                               if getattr(resolved.train, name) == default}
     payload = {
         "method": resolved.name,
-        "options": resolved.options.model_dump(mode="json", exclude={"name", "label", "train"}),
+        "options": _options(resolved.options),
         "train": resolved.train.model_dump(mode="json", exclude=left_out if trains else left_out | _TRAINING_ONLY),
         "device": device_type(resolved.train.device),
         "backbone": spec.backbone.model_dump(mode="json"),

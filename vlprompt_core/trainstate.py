@@ -2,7 +2,7 @@
 
 At the end of every epoch (and every ``train.checkpoint_every`` steps) the engine
 writes one safetensors file per pair (``checkpoints/<label>-seed<N>-<key>.state.safetensors``):
-the method's own state (trainable parameters and buffers, not the frozen backbone),
+the method's own state (trainable parameters and buffers; the frozen backbone is not the method's),
 the optimiser's state, the random number generators (Python, NumPy, torch on the CPU
 and every CUDA device, and the generator that orders the training data, as it was
 when the epoch in flight began), the position (epoch, steps done in it, the epoch's
@@ -70,12 +70,11 @@ def _sort_header(path: Path) -> None:
 
 
 def _method_state(method: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The method's ``state_dict`` without the backbone: tensors, and the rest (a
+    """The method's ``state_dict`` (the backbone is not in it: a method keeps it outside
+    its module tree, :class:`~vlprompt_core.api.PromptMethod`): tensors, and the rest (a
     module's ``get_extra_state``), which must be JSON."""
     tensors, extra = {}, {}
     for k, v in method.state_dict().items():
-        if k.startswith("backbone."):
-            continue
         if isinstance(v, torch.Tensor):
             tensors[k] = v.detach().cpu().contiguous()
         else:
@@ -217,7 +216,7 @@ def load_state(path: Path, method: torch.nn.Module, optimizer: torch.optim.Optim
             raise ValueError(f"its log is not a list of at most one entry for each of the {position.epoch} epochs done")
         optimizer_state = _join_optimizer(tensors, json.loads(meta["optimizer"]))
         rng = json.loads(meta["rng"])
-        method.load_state_dict(own, strict=False)  # copied onto each tensor's device; the backbone's keys are not ours
+        method.load_state_dict(own, strict=False)  # copied onto each tensor's device
         optimizer.load_state_dict(optimizer_state)
         _set_rng_state(tensors, rng, data_generator)
     except Exception as exc:  # noqa: BLE001 - whatever is wrong with the file, it is the file's fault

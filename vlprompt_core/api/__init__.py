@@ -10,13 +10,15 @@ Import every name from here (``from vlprompt_core.api import ...``); the
 submodules only say where each part is written:
 
 * :mod:`~vlprompt_core.api.base`: :class:`Options` (the base of every options
-  model) and :class:`ContractError`.
+  model), :class:`ContractError` and :class:`BackboneInfo` (what a backbone is,
+  told without loading weights).
 * :mod:`~vlprompt_core.api.data`: :class:`Item`, :class:`ClassSet`,
   :class:`DatasetSplits`, :class:`EvalSet` and a protocol's :class:`Plan`.
 * :mod:`~vlprompt_core.api.backbone`: :class:`VisionLanguageBackbone` with
-  :data:`BlockHook` and :data:`TextPrefix`.
+  :data:`BlockHook` (:class:`ContextHook`, :class:`BlockContext`, :func:`call_block_hook`)
+  and :data:`TextPrefix`.
 * :mod:`~vlprompt_core.api.method`: :class:`PromptMethod`, :class:`Batch`,
-  :class:`MethodOutput` and :class:`ParamGroup`.
+  :class:`MethodOutput`, :class:`ParamGroup` and :class:`EffectiveOptions`.
 * :mod:`~vlprompt_core.api.recipe`: :class:`Recipe`, :class:`RecipeRule` and
   :class:`RecipeCondition`.
 * :mod:`~vlprompt_core.api.entries`: what the registration hooks return
@@ -31,8 +33,8 @@ each other directly, never this ``__init__`` (``tests/test_layers.py``).
 
 from __future__ import annotations
 
-from .backbone import BlockHook, TextPrefix, VisionLanguageBackbone
-from .base import ContractError, Options
+from .backbone import BlockContext, BlockHook, ContextHook, TextPrefix, VisionLanguageBackbone, call_block_hook
+from .base import BackboneInfo, ContractError, Options
 from .data import ClassSet, DatasetSplits, EvalSet, Item, Plan
 from .entries import (
     BackboneEntry,
@@ -44,13 +46,14 @@ from .entries import (
     ProtocolEntry,
     Published,
 )
-from .method import INPUTS, Batch, MethodOutput, ParamGroup, PromptMethod
+from .method import INPUTS, Batch, EffectiveOptions, MethodOutput, ParamGroup, PromptMethod
 from .recipe import Recipe, RecipeCondition, RecipeRule
 
 __all__ = [
     # base
     "Options",
     "ContractError",
+    "BackboneInfo",
     # data
     "Item",
     "ClassSet",
@@ -59,12 +62,16 @@ __all__ = [
     "Plan",
     # backbone
     "BlockHook",
+    "BlockContext",
+    "ContextHook",
+    "call_block_hook",
     "TextPrefix",
     "VisionLanguageBackbone",
     # method
     "Batch",
     "MethodOutput",
     "ParamGroup",
+    "EffectiveOptions",
     "INPUTS",
     "PromptMethod",
     # recipe

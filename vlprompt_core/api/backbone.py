@@ -1,9 +1,11 @@
-"""The backbone interface a method may use: :class:`VisionLanguageBackbone` and the
-types of its hooks (:data:`BlockHook`) and shared text prefixes (:data:`TextPrefix`)."""
+"""The backbone interface a method may use: :class:`VisionLanguageBackbone`, its block
+hooks (:data:`BlockHook`: a plain ``(layer, x)`` function, or a :class:`ContextHook` that
+also gets a :class:`BlockContext`) and shared text prefixes (:data:`TextPrefix`)."""
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass, replace
+from typing import Callable, Literal, Union
 
 import torch
 from torch import nn
@@ -11,12 +13,67 @@ from torch import nn
 from ..errors import UserError
 
 
-# ------------------------------------------------------------------------ backbone
+# ------------------------------------------------------------------------ block hooks
 
-#: A function called before block ``l`` of a tower with the tokens ``x`` ``[N, L, W]``
-#: entering it; it returns the tokens the block gets instead (see
-#: :meth:`VisionLanguageBackbone.encode_text_embeddings` for what may change).
-BlockHook = Callable[[int, torch.Tensor], torch.Tensor]
+
+@dataclass(frozen=True)
+class BlockContext:
+    """What the rows entering a block hold, for a :class:`ContextHook`.
+
+    ``tower``: ``"text"`` or ``"image"``. ``part``: ``"whole"`` (whole prompts or
+    images) or ``"prefix"`` (the tokens every class's prompt shares, run once per
+    group by :meth:`VisionLanguageBackbone.encode_text_prefix`). For the rows
+    ``x[n]`` of the tokens the hook sees (a text chunk, cut after its last pooled
+    token): ``classes[n]`` the class index (None for shared prefixes, which stand for
+    every class, or when the caller did not say), ``groups[n]`` the index of the row's
+    leading context group (the flattened leading dims ``S`` of the context: image,
+    sample...; the image index for the image tower), ``slots[n, i]`` the context vector
+    at position ``i`` (-1 for any other token; None when unknown).
+    """
+
+    tower: Literal["text", "image"]
+    part: Literal["whole", "prefix"] = "whole"
+    classes: torch.Tensor | None = None
+    groups: torch.Tensor | None = None
+    slots: torch.Tensor | None = None
+
+    def cut(self, length: int) -> BlockContext:
+        """The context of the first ``length`` positions (the causal text pass drops the rest)."""
+        return self if self.slots is None else replace(self, slots=self.slots[:, :length])
+
+
+@dataclass(frozen=True)
+class ContextHook:
+    """A block hook that also gets a :class:`BlockContext`: ``fn(layer, x, context)``.
+
+    ``slots_only=True`` promises that ``fn`` changes token states only at context slots
+    (``context.slots >= 0``), as deep text prompts do (MaPLe, IVLP): a prompt table
+    whose context slots all lie in the prefix its classes share then keeps the
+    shared-prefix pass and calls the hook on the prefix only (checked: a hook that
+    changes other tokens there raises :class:`ContractError`).
+    """
+
+    fn: Callable[[int, torch.Tensor, BlockContext], torch.Tensor]
+    slots_only: bool = False
+
+    def __call__(self, layer: int, x: torch.Tensor, context: BlockContext) -> torch.Tensor:
+        return self.fn(layer, x, context)
+
+
+#: Called before block ``l`` of a tower with the tokens ``x`` ``[N, L, W]`` entering it;
+#: returns the tokens the block gets instead (see
+#: :meth:`VisionLanguageBackbone.encode_text_embeddings` for what may change). Either a
+#: plain function ``(l, x)``, or a :class:`ContextHook`, called ``(l, x, context)``.
+BlockHook = Union[Callable[[int, torch.Tensor], torch.Tensor], ContextHook]
+
+
+def call_block_hook(hook: BlockHook, layer: int, x: torch.Tensor, context: BlockContext) -> torch.Tensor:
+    """``hook(layer, x)``, or ``hook(layer, x, context)`` for a :class:`ContextHook`
+    (for backbone implementations)."""
+    return hook(layer, x, context) if isinstance(hook, ContextHook) else hook(layer, x)
+
+
+# ------------------------------------------------------------------------ backbone
 
 #: What a shared causal text prefix leaves behind for the tokens after it
 #: (:meth:`VisionLanguageBackbone.encode_text_prefix`): one ``(keys, values)`` pair per
@@ -102,6 +159,7 @@ class VisionLanguageBackbone(nn.Module):
         tokens: torch.Tensor,
         block_hook: BlockHook | None = None,
         add_positional: bool = True,
+        context: BlockContext | None = None,
     ) -> torch.Tensor:
         """Text features ``[N, embed_dim]`` from token embeddings ``[N, L, text_width]``.
 
@@ -110,7 +168,8 @@ class VisionLanguageBackbone(nn.Module):
         replace token states but must keep the shape (a different shape raises
         :class:`ContractError`): pooling reads positions from ``tokens``. The tower is
         causal, so sequences may be cut after the last pooled position before the
-        blocks run; hooks see that length.
+        blocks run; hooks see that length. A :class:`ContextHook` gets ``context``
+        (what the rows hold, cut to that length; ``BlockContext("text")`` when None).
         """
         raise NotImplementedError
 
@@ -118,11 +177,15 @@ class VisionLanguageBackbone(nn.Module):
         """Final norm, the state at ``pool_positions(tokens)``, projection: ``[N, embed_dim]``."""
         raise NotImplementedError
 
-    def encode_text_prefix(self, prefix: torch.Tensor) -> TextPrefix:
+    def encode_text_prefix(
+        self, prefix: torch.Tensor, block_hook: BlockHook | None = None, context: BlockContext | None = None
+    ) -> TextPrefix:
         """Run the text blocks over G shared prompt beginnings ``prefix``
         ``[G, P, text_width]`` (token embeddings with positions): what each block's
         attention needs of them for the tokens that follow (see :data:`TextPrefix`).
-        Only with :attr:`text_prefix_sharing`."""
+        ``block_hook`` is called before each block as in :meth:`encode_text_embeddings`
+        (a :class:`ContextHook` gets ``context``, ``part="prefix"``); it changes the
+        prefix only, never the suffixes. Only with :attr:`text_prefix_sharing`."""
         raise NotImplementedError
 
     def encode_text_suffix(self, prefix: TextPrefix, suffix: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -151,13 +214,16 @@ class VisionLanguageBackbone(nn.Module):
         """The norm applied to the image tokens before the first block."""
         raise NotImplementedError
 
-    def encode_image_tokens(self, tokens: torch.Tensor, block_hook: BlockHook | None = None) -> torch.Tensor:
+    def encode_image_tokens(
+        self, tokens: torch.Tensor, block_hook: BlockHook | None = None, context: BlockContext | None = None
+    ) -> torch.Tensor:
         """Run the image blocks on ``tokens`` ``[B, T, vision_width]`` and the image head.
 
         ``block_hook(l, x)`` is called before block ``l``; it may insert, replace or
         remove tokens (the sequence length may change) but must keep the class token
         at index 0, the batch size and the width (a different batch size or width
-        raises :class:`ContractError`).
+        raises :class:`ContractError`). A :class:`ContextHook` gets ``context``
+        (``BlockContext("image", groups=arange(B))`` when None).
         """
         raise NotImplementedError
 

@@ -10,9 +10,9 @@ from typing import Any, Callable
 
 from ..yamlload import load as load_yaml
 from .backbone import VisionLanguageBackbone
-from .base import Options
+from .base import BackboneInfo, ContractError, Options
 from .data import ClassSet, DatasetSplits, Plan
-from .method import PromptMethod
+from .method import EffectiveOptions, PromptMethod
 from .recipe import Recipe
 
 
@@ -31,6 +31,11 @@ class BackboneEntry:
     context_length)``: ``count(text)`` the tokens of a text with the start and end
     tokens, ``context_length`` the most the text tower takes; or None where that cannot
     be told cheaply. ``vlprompt validate`` checks the datasets' prompts with it.
+
+    ``info(options)`` (optional) tells, without loading weights, what the backbone is
+    (:class:`BackboneInfo`: family, depths, widths...), or None; recipe rules match it
+    and methods settle their options on it (:meth:`MethodEntry.effective`) for
+    ``vlprompt validate`` and before a run.
     """
 
     name: str
@@ -39,13 +44,21 @@ class BackboneEntry:
     description: str = ""
     check: Callable[[Any], list[str]] | None = None
     text_context: Callable[[Any], tuple[Callable[[str], int], int] | None] | None = None
+    info: Callable[[Any], BackboneInfo | None] | None = None
+
+
+#: The ``dataset`` of a :class:`Published` average over several datasets.
+AVERAGE = "average"
 
 
 @dataclass(frozen=True)
 class Published:
     """A result the method's authors published, shown beside measured ones by
     ``vlprompt report --paper``: ``metrics`` in %, named as the protocol summarises
-    them (few_shot: accuracy; base2novel: base, novel, H), for one dataset."""
+    them (few_shot: accuracy; base2novel: base, novel, H), for one dataset; or, made
+    by :meth:`average`, the paper's average over the datasets ``over`` (e.g. MaPLe's
+    base-to-novel H 78.55 over 11 datasets), shown in a report's average cells when the
+    measured datasets are those."""
 
     protocol: str
     dataset: str
@@ -53,19 +66,43 @@ class Published:
     shots: int | None = None
     backbone: str = "ViT-B/16"
     source: str = ""
+    over: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if (self.dataset == AVERAGE) != bool(self.over):
+            raise ContractError(f"Published({self.protocol!r}, {self.dataset!r}): an average names the datasets it "
+                                "is over (Published.average), and only an average does")
+
+    @classmethod
+    def average(cls, protocol: str, datasets, metrics: dict[str, float], shots: int | None = None,
+                backbone: str = "ViT-B/16", source: str = "") -> Published:
+        """A paper's average over ``datasets`` (their vlprompt names), as the paper
+        computes it (base-to-novel: H of the average base and novel)."""
+        over = tuple(sorted(set(datasets)))
+        if not over:
+            raise ContractError(f"Published.average({protocol!r}): no datasets to average over")
+        return cls(protocol, AVERAGE, dict(metrics), shots, backbone, source, over)
 
     @classmethod
     def load(cls, package: str, resource: str = "published.yaml") -> tuple[Published, ...]:
         """The published results in a data file shipped inside ``package`` (see
         ``docs/reports.md``): ``tables``, each with ``source``, ``protocol``, ``shots``,
-        ``backbone`` and ``results: {dataset: {metric: value}}``."""
+        ``backbone`` and ``results: {dataset: {metric: value}}``; optionally
+        ``average: {metric: value}``, the paper's average over ``average_over`` (a list
+        of dataset names; default: the datasets under ``results``)."""
         data = load_yaml(importlib.resources.files(package).joinpath(resource).read_text())
-        return tuple(
-            cls(table["protocol"], dataset, {m: float(v) for m, v in metrics.items()}, table.get("shots"),
-                table.get("backbone", "ViT-B/16"), table.get("source", ""))
-            for table in data["tables"]
-            for dataset, metrics in table["results"].items()
-        )
+        out = []
+        for table in data["tables"]:
+            common = dict(shots=table.get("shots"), backbone=table.get("backbone", "ViT-B/16"),
+                          source=table.get("source", ""))
+            results = table.get("results") or {}
+            out += [cls(table["protocol"], dataset, {m: float(v) for m, v in metrics.items()}, **common)
+                    for dataset, metrics in results.items()]
+            if "average" in table:
+                over = table.get("average_over", list(results))
+                out.append(cls.average(table["protocol"], over, {m: float(v) for m, v in table["average"].items()},
+                                       **common))
+        return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -87,6 +124,23 @@ class MethodEntry:
     recipe: Recipe | None = None
     published: tuple[Published, ...] = ()
     trains: bool = True
+
+    def effective(self, options: Any, backbone: BackboneInfo) -> EffectiveOptions:
+        """The options the method uses on ``backbone``: its class's
+        :meth:`~vlprompt_core.api.PromptMethod.effective_options` (found on ``build``,
+        as :attr:`~vlprompt_core.api.PromptMethod.requires` is); the options as given
+        when ``build`` has none. Raises the method's :class:`UserError` for conflicts;
+        a result that is not :class:`EffectiveOptions` of this entry's options model is
+        a :class:`ContractError`."""
+        hook = getattr(self.build, "effective_options", None)
+        if hook is None:
+            return EffectiveOptions(options)
+        result = hook(options, backbone)
+        if not (isinstance(result, EffectiveOptions) and isinstance(result.options, self.options)
+                and all(isinstance(n, str) for n in result.notes)):
+            raise ContractError(f"method {self.name!r}: effective_options must return EffectiveOptions(options, "
+                                f"notes) with {self.options.__name__} options, got {result!r}"[:300])
+        return result
 
 
 @dataclass(frozen=True)

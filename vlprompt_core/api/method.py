@@ -13,7 +13,7 @@ from torch import nn
 
 from .. import textbook
 from .backbone import VisionLanguageBackbone
-from .base import Options
+from .base import BackboneInfo, Options
 from .data import ClassSet
 
 
@@ -73,6 +73,17 @@ class ParamGroup:
 INPUTS = ("images", "image_features")
 
 
+@dataclass(frozen=True)
+class EffectiveOptions:
+    """What :meth:`PromptMethod.effective_options` returns: the ``options`` the method
+    uses (the same options model), and ``notes``, one line each, saying why a value
+    differs from what the spec or recipe asked for (e.g. ``prompt_depth 9 -> 4: the
+    image tower has 4 blocks``)."""
+
+    options: Options
+    notes: tuple[str, ...] = ()
+
+
 class PromptMethod(nn.Module):
     """A prompt-learning method: trainable prompts around a frozen backbone.
 
@@ -82,8 +93,16 @@ class PromptMethod(nn.Module):
     the method is built, and its weights must stay bit-identical.
 
     Optional hooks, each with a default: :meth:`parameter_groups`, :meth:`loss`,
-    :meth:`predict`, :meth:`on_epoch_end`. :meth:`cached` keeps image-independent
-    results (e.g. static prompt features) for the length of an evaluation.
+    :meth:`predict`, :meth:`on_epoch_end`; before anything is built,
+    :meth:`effective_options` (the settings the method actually uses on a backbone,
+    and conflicts told early). :meth:`cached` keeps image-independent results (e.g.
+    static prompt features) for the length of an evaluation.
+
+    ``self.backbone`` is the shared frozen backbone, kept *outside* the module tree:
+    :meth:`parameters`, :meth:`state_dict`, :meth:`apply`, :meth:`half`, :meth:`to`
+    and :meth:`train` of the method never reach it (the engine places it and keeps it
+    frozen and in eval mode). Keep it there only: a submodule of the method that holds
+    it would bring it back into the tree.
     """
 
     #: What :class:`Batch` holds for this method: ``"image_features"`` (the image
@@ -105,6 +124,15 @@ class PromptMethod(nn.Module):
         self.backbone = backbone
         self.options = options
         self._cache: dict[str, Any] = {}
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "backbone":  # a plain attribute, never a submodule (see the class docstring)
+            modules = self.__dict__.get("_modules")
+            if modules is not None:
+                modules.pop(name, None)
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -133,6 +161,22 @@ class PromptMethod(nn.Module):
         raise NotImplementedError
 
     # ------------------------------------------------------- optional hooks
+    @classmethod
+    def effective_options(cls, options: Options, backbone: BackboneInfo) -> EffectiveOptions:
+        """The settings this method actually uses with ``options`` on ``backbone``,
+        told before anything is built (no weights: every field of ``backbone`` may be
+        None, then keep what was asked for). E.g. a prompt depth clamped to a shallower
+        tower, or the context length that ``ctx_init`` makes.
+
+        ``vlprompt validate`` and a run print it; the engine calls it again with what
+        the built backbone says, builds the method with the options it returns and
+        records them in ``results.json``. Options conflicting with the backbone that
+        can be told here raise a :class:`~vlprompt_core.errors.UserError`, one line per
+        conflict (``options.model_fields_set`` tells what the spec or recipe wrote).
+        Default: the options as given. Return ``options.model_copy(update={...})``,
+        not a new model."""
+        return EffectiveOptions(options)
+
     def parameter_groups(self) -> list[ParamGroup]:
         """How the trainable parameters are optimised. Default: one group, the run's
         settings. Every trainable parameter must be in exactly one group."""

@@ -44,6 +44,7 @@ def _execute(spec: Path, output: Path | None, checkpoints_from: Path | None = No
             with _bars() as bars:
                 engine = Engine(run_spec, reg, _reporter(bars), log=lambda m: err.print(Text(m), soft_wrap=True))
                 err.print(settings_table(engine.methods))
+                _print_settled(err, engine.methods)
                 record = engine.run(checkpoints_from=checkpoints_from)
     except UserError as exc:
         _fail(exc)
@@ -97,7 +98,8 @@ def eval_(spec: Path = typer.Argument(..., help="run spec (YAML)"),
 @app.command()
 def validate(spec: Path = typer.Argument(..., help="run spec (YAML)")):
     """Check SPEC without running it: one line per problem, exit code 2 if any;
-    then show each method's resolved settings."""
+    then show each method's resolved settings, and where a method uses other values on
+    this backbone, which and why."""
     from ..spec import resolve_methods
     from ..results import settings_table
 
@@ -107,4 +109,13 @@ def validate(spec: Path = typer.Argument(..., help="run spec (YAML)")):
     except UserError as exc:
         _fail(exc)
     out.print(settings_table(methods))
+    _print_settled(out, methods)
     out.print(Text(f"{spec}: ok"), soft_wrap=True)
+
+
+def _print_settled(console, methods) -> None:
+    """Where a method uses other settings than it was asked for on this backbone (a
+    prompt depth clamped to a shallower tower...): one line each, with its notes."""
+    for m in methods:
+        for line in m.settled_lines():
+            console.print(Text(_one_line(line)), soft_wrap=True)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .. import __version__, textbook
-from ..api import ContractError, EvalSet, PromptMethod, ProtocolContext
+from ..api import BackboneInfo, ContractError, EvalSet, PromptMethod, ProtocolContext
 from ..cost import PeakMemory
 from ..data import check_dataset, check_plan, data_fingerprint
 from ..errors import StorageError, UserError, storage_problem
@@ -30,7 +30,7 @@ from ..features import FeatureStore
 from ..lock import FolderLock
 from ..plugins import Registry
 from ..prompting import text_chunking
-from ..recipes import ResolvedMethod
+from ..recipes import ResolvedMethod, backbone_info
 from ..results import aggregate, aggregate_cost, markdown_table, package_versions
 from ..settings import TrainSpec
 from ..spec import dataset_sections, resolve_methods, spec_hash
@@ -57,7 +57,11 @@ class Engine:
     def __post_init__(self):
         self.output = Path(self.spec.output)
         self.results_path = self.output / "results.json"
-        self.methods: list[ResolvedMethod] = resolve_methods(self.spec, self.registry)
+        #: What the backbone is, told without loading it (or read from the one given).
+        self.backbone_info = backbone_info(self.spec, self.registry)
+        if self.backbone is not None:
+            self.backbone_info = BackboneInfo.of(self.backbone, self.backbone_info)
+        self.methods: list[ResolvedMethod] = resolve_methods(self.spec, self.registry, self.backbone_info)
         self.ctx = RunContext(self.output, resolve_device(self.spec.train.device), self.registry,
                               FeatureStore(self.spec.train.feature_cache, log=self.log), self.log, self.progress)
         self._datasets: dict[str, Any] = {}
@@ -205,10 +209,11 @@ class Engine:
         if backbone is None:
             entry = self.registry.get("backbone", spec.backbone.name)
             backbone = ctx.plugin_call("backbone", spec.backbone.name, "build", lambda: entry.build(spec.backbone))
-        backbone = backbone.to(self.device)
+        backbone = backbone.to(self.device).eval().requires_grad_(False)  # frozen: no method's train() reaches it
         for m in self.methods:
             for capability in getattr(self.registry.get("method", m.name).build, "requires", ()):
                 backbone.require(capability, f"method {m.label!r} ({m.name})")
+        self._settle(record, BackboneInfo.of(backbone, self.backbone_info))
         timings["backbone"] = time.perf_counter() - tb
         dataset = self.load_dataset(spec.dataset)  # loaded (and timed) by key_by_data
         protocol = self.registry.get("protocol", spec.protocol.name)
@@ -239,6 +244,22 @@ class Engine:
                     files.training_done()
                 ctx.notify("vlprompt_evaluation_done", method=m.label, seed=seed, results=result)
 
+    def _settle(self, record: rec.RunRecord, info: BackboneInfo) -> None:
+        """Each method's options settled on the built backbone (``info``), as the method
+        is then built with them, recorded in ``results.json`` (``methods.<label>.used``
+        and ``notes``, and the ``backbone`` it was told) and said where they differ from
+        what was told before the backbone loaded."""
+        for m in self.methods:
+            before = (m.used, m.notes)
+            entry = self.registry.get("method", m.name)
+            self.ctx.plugin_call("method", m.name, "effective_options", lambda: m.settle(entry, info))
+            if (m.used, m.notes) != before:
+                for line in m.settled_lines():
+                    self.log(line)
+            record.data["methods"][m.label] = m.describe()
+        record.data["backbone"] = info.describe()
+        record.save()
+
     def _kernels(self) -> dict:
         """Select the fused-op backend (``train.kernels``, else ``$VLPROMPT_KERNELS``, else
         auto), say which one runs, once, and return the record for ``results.json``."""
@@ -264,7 +285,7 @@ class Engine:
         entry = self.registry.get("method", m.name)
         set_seed(seed)
         tb = time.perf_counter()
-        method: PromptMethod = entry.build(backbone, plan.classes, m.options).to(self.device)
+        method: PromptMethod = entry.build(backbone, plan.classes, m.used).to(self.device)
         times = {"build": time.perf_counter() - tb}
         params = trainable_parameters(method)
         if params and not entry.trains:
@@ -304,3 +325,4 @@ class Engine:
         if scoring_only and params:
             result["checkpoint_from"] = str(source[0])
         return result
+

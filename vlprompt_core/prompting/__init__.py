@@ -8,7 +8,11 @@
   shape: shared, per class, per image, per Monte-Carlo sample...) and runs the
   text tower, once over the tokens all classes share, and in chunks that bound
   its memory (:func:`text_chunking`).
-* :func:`init_context` — context vectors from words or random.
+* :func:`init_context` — context vectors from words or random; :func:`leading_words` —
+  learn the first n tokens of a phrase and keep the rest as words (MaPLe, IVLP).
+* deep prompts (:mod:`~vlprompt_core.prompting.deep`): prompts for the towers' later
+  blocks — :func:`text_prompt_hook`, :func:`vision_prompt_hook`, :func:`append_prompts`,
+  :func:`replace_slots`, :func:`deep_prompts`, :func:`prompt_depth`.
 * :func:`class_text_features` — frozen hand-crafted class features (one template
   or an ensemble), as zero-shot CLIP and methods' priors use them.
 * :func:`prompt_length_problem` — the one rule for a prompt longer than the text
@@ -17,7 +21,7 @@
 Image-independent features are cached per evaluation with
 :meth:`vlprompt_core.api.PromptMethod.cached`.
 
-The machinery lives in three modules, all of it importable from here:
+The machinery lives in four modules, all of it importable from here:
 
 * :mod:`~vlprompt_core.prompting.handcrafted` — hand-written templates
   (:func:`templates_for`, :func:`check_templates`, :data:`TemplateChoice`) and
@@ -25,7 +29,8 @@ The machinery lives in three modules, all of it importable from here:
 * :mod:`~vlprompt_core.prompting.chunking` — the run-wide text-pass chunking setting
   (:func:`text_chunking`, :func:`current_text_chunking`, :func:`rows_per_pass`).
 * :mod:`~vlprompt_core.prompting.learned` — learned prompts (:class:`Context`,
-  :class:`PromptTemplate`, :class:`PromptTable`, :func:`init_context`).
+  :class:`PromptTemplate`, :class:`PromptTable`, :func:`init_context`, :func:`leading_words`).
+* :mod:`~vlprompt_core.prompting.deep` — deep prompts, shared by MaPLe-like methods.
 
 Settings are read where they are defined: patch ``AUTO_CHUNK_BUDGET`` on
 :mod:`~vlprompt_core.prompting.chunking`, not on this package.
@@ -50,7 +55,16 @@ from .handcrafted import (
     prompt_length_problem,
     templates_for,
 )
-from .learned import CLASS_NAME, Context, PromptTable, PromptTemplate, init_context
+from .deep import append_prompts, deep_prompts, prompt_depth, replace_slots, text_prompt_hook, vision_prompt_hook
+from .learned import (
+    CLASS_NAME,
+    Context,
+    PromptTable,
+    PromptTemplate,
+    init_context,
+    leading_words,
+    leading_words_problem,
+)
 
 __all__ = [
     "ACTIVATION_VECTORS_PER_TOKEN",
@@ -67,6 +81,14 @@ __all__ = [
     "current_text_chunking",
     "handwritten_length_problem",
     "init_context",
+    "leading_words",
+    "leading_words_problem",
+    "append_prompts",
+    "deep_prompts",
+    "prompt_depth",
+    "replace_slots",
+    "text_prompt_hook",
+    "vision_prompt_hook",
     "prompt_length_problem",
     "rows_per_pass",
     "templates_for",

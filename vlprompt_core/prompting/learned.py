@@ -5,7 +5,7 @@ text pass that writes context vectors in) and :func:`init_context`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch import nn
@@ -13,7 +13,7 @@ from torch import nn
 from vlprompt_kernels import assemble_prompts
 
 from .. import textbook
-from ..api import BlockHook, TextPrefix, VisionLanguageBackbone
+from ..api import BlockContext, BlockHook, ContextHook, TextPrefix, VisionLanguageBackbone
 from ..errors import UserError
 from .chunking import _in_chunks, rows_per_pass
 from .handcrafted import prompt_length_problem
@@ -140,6 +140,9 @@ class PromptTable(nn.Module):
             slots[i, : len(row_slots)] = torch.tensor(row_slots)
         sharing = backbone.text_prefix_sharing and not textbook.active()
         self.prefix_length = self._shared_prefix(backbone, ids, slots) if sharing else 0
+        #: Whether every context slot lies in the shared prefix (then a slots-only
+        #: :class:`~vlprompt_core.api.ContextHook` keeps the shared-prefix pass).
+        self.slots_in_prefix = bool((slots[:, self.prefix_length :] < 0).all())
         ids, slots = ids.to(device), slots.to(device)
         with torch.no_grad():
             embeddings = backbone.embed_tokens(ids).float()
@@ -176,7 +179,9 @@ class PromptTable(nn.Module):
 
         When the classes' prompts begin with the same :attr:`prefix_length` >= 2 tokens
         and ``ctx`` does not vary per class (``S`` ends in 1 or is empty) and there is no
-        ``block_hook``, the causal text tower runs those tokens once per leading index
+        ``block_hook`` (or a slots-only :class:`~vlprompt_core.api.ContextHook` and every
+        context slot in the prefix: deep text prompts), the causal text tower runs those
+        tokens once per leading index
         (once for a shared context, once per image for ``(B, 1)``) and only the rest of
         each prompt per class (:meth:`~vlprompt_core.api.VisionLanguageBackbone.encode_text_suffix`):
         the same features and gradients as the full pass, with less work.
@@ -186,33 +191,49 @@ class PromptTable(nn.Module):
         default: :func:`rows_per_pass`). With gradients enabled, chunks are recomputed
         in the backward pass (activation checkpointing), so memory is bounded by one
         chunk and the gradients are those of the single pass. ``block_hook`` sees one
-        chunk at a time.
+        chunk at a time; a :class:`~vlprompt_core.api.ContextHook` is told its rows'
+        classes, groups (the flattened index into ``S``) and context slots
+        (:class:`~vlprompt_core.api.BlockContext`), or, on the shared prefix, that the
+        rows are the groups' prefixes (``part="prefix"``, no classes).
         """
         recompute = torch.is_grad_enabled() and ctx.requires_grad
         per_class = ctx.dim() > 2 and ctx.shape[-3] != 1
+        hook_allows_prefix = block_hook is None or (
+            isinstance(block_hook, ContextHook) and block_hook.slots_only and self.slots_in_prefix
+        )
         if textbook.active():
             chunk_size = 0  # one pass over every full-length prompt
-        elif block_hook is None and self.prefix_length >= 2 and not per_class:
-            return self._encode_with_prefix(backbone, ctx, chunk_size, recompute)
+        elif hook_allows_prefix and self.prefix_length >= 2 and not per_class:
+            return self._encode_with_prefix(backbone, ctx, chunk_size, recompute, block_hook)
 
         prompts = self.assemble(backbone, ctx)
         *lead, n_cls, length, width = prompts.shape
         flat = prompts.reshape(-1, length, width)
         ids = self.token_ids.expand(*lead, n_cls, length).reshape(-1, length)
         rows = rows_per_pass(backbone, length, chunk_size) or flat.shape[0]
+        index = torch.arange(flat.shape[0], device=flat.device)  # row = group * C + class
 
-        def run(x, t):
-            return backbone.encode_text_embeddings(x, t, block_hook=block_hook, add_positional=False)
+        def run(x, t, r):
+            context = None
+            if isinstance(block_hook, ContextHook):
+                context = BlockContext("text", classes=r % n_cls, groups=r // n_cls, slots=self.slots[r % n_cls])
+            return backbone.encode_text_embeddings(x, t, block_hook=block_hook, add_positional=False, context=context)
 
-        pieces = [(flat[i : i + rows], ids[i : i + rows]) for i in range(0, flat.shape[0], rows)]
+        pieces = [(flat[i : i + rows], ids[i : i + rows], index[i : i + rows]) for i in range(0, flat.shape[0], rows)]
         feats = torch.cat(_in_chunks(run, recompute, pieces))
         return feats.reshape(*lead, n_cls, feats.shape[-1])
 
     def _encode_with_prefix(
-        self, backbone: VisionLanguageBackbone, ctx: torch.Tensor, chunk_size: int | None, recompute: bool
+        self,
+        backbone: VisionLanguageBackbone,
+        ctx: torch.Tensor,
+        chunk_size: int | None,
+        recompute: bool,
+        block_hook: BlockHook | None = None,
     ) -> torch.Tensor:
         """:meth:`encode` for a context without a per-class dim: the shared prefix once per
-        group ``G = prod(S[:-1])``, then the class suffixes, chunked over (group, class) rows."""
+        group ``G = prod(S[:-1])`` (with ``block_hook``, a slots-only :class:`ContextHook`),
+        then the class suffixes, chunked over (group, class) rows."""
         lead = ctx.shape[:-3] if ctx.dim() > 2 else ()
         groups = ctx.reshape(-1, 1, *ctx.shape[-2:])  # [G, 1, M, W]
         n_prefix, n_cls, length = self.prefix_length, *self.token_ids.shape
@@ -221,8 +242,13 @@ class PromptTable(nn.Module):
         suffix = assemble_prompts(
             self.embeddings[:, n_prefix:], groups, self.slots[:, n_prefix:], positional[n_prefix:]
         )  # [G, C, L - P, W]
-        state: TextPrefix = backbone.encode_text_prefix(prefix[:, 0])
         n_groups = suffix.shape[0]
+        if block_hook is None:  # the one-argument call, which backbones written before prefix hooks take
+            state: TextPrefix = backbone.encode_text_prefix(prefix[:, 0])
+        else:
+            context = BlockContext("text", "prefix", groups=torch.arange(n_groups, device=suffix.device),
+                                   slots=self.slots[:1, :n_prefix].expand(n_groups, n_prefix))
+            state = backbone.encode_text_prefix(prefix[:, 0], block_hook=block_hook, context=context)
         rows = rows_per_pass(backbone, length - n_prefix, chunk_size) or n_groups * n_cls
 
         def run(x, g, c):  # suffixes x of groups g and classes c
@@ -257,3 +283,45 @@ def init_context(
             return backbone.embed_tokens(ids).float().clone()
     shape = (per_class, n_ctx, backbone.text_width) if per_class is not None else (n_ctx, backbone.text_width)
     return torch.empty(shape, device=device).normal_(0, std)
+
+
+def leading_words_problem(word_tokens: Callable[[str], int], phrase: str, n_ctx: int) -> str | None:
+    """Why the first ``n_ctx`` tokens of ``phrase`` cannot be learned with the rest kept
+    as words (:func:`leading_words`), or None. ``word_tokens(text)`` counts a text's BPE
+    tokens without start and end tokens (e.g. ``BackboneInfo.word_tokens``)."""
+    words = phrase.split()
+    total = word_tokens(" ".join(words)) if words else 0
+    if not 1 <= n_ctx <= total:
+        return f"n_ctx {n_ctx} must be between 1 and the {total} tokens of ctx_init {phrase!r}"
+    ends = [word_tokens(" ".join(words[:k])) for k in range(1, len(words) + 1)]
+    if n_ctx not in ends:
+        cut = next(w for w, end in zip(words, ends) if end > n_ctx)
+        return (f"n_ctx {n_ctx} ends inside the word {cut!r} of ctx_init {phrase!r}; the first n_ctx tokens "
+                f"must be whole words (word ends at {', '.join(map(str, ends))} tokens)")
+    return None
+
+
+def leading_words(
+    backbone: VisionLanguageBackbone, phrase: str, n_ctx: int, suffix: str = "."
+) -> tuple[PromptTemplate, torch.Tensor]:
+    """Learn the first ``n_ctx`` tokens of ``phrase`` and keep the rest as words (MaPLe,
+    IVLP): the template ``[n_ctx context vectors] <rest of the phrase> {} <suffix>`` and
+    the initial context ``[n_ctx, text_width]`` (the frozen embeddings of those tokens).
+
+    >>> leading_words(bb, "a photo of a", 2)   # [SOS] [ctx ctx] of a {class} . [EOT]
+    (PromptTemplate(Context(0, 2), 'of a', '{}', '.'), <embeddings of "a photo">)
+
+    A :class:`UserError` when ``n_ctx`` exceeds the phrase's tokens or ends inside a word
+    (:func:`leading_words_problem`).
+    """
+    def count(text: str) -> int:
+        return len(backbone.tokenize_words(text))
+
+    problem = leading_words_problem(count, phrase, n_ctx)
+    if problem:
+        raise UserError(f"method: {problem}")
+    words = phrase.split()
+    k = next(k for k in range(1, len(words) + 1) if count(" ".join(words[:k])) == n_ctx)
+    rest = " ".join(words[k:])
+    template = PromptTemplate(Context(0, n_ctx), *([rest] if rest else []), CLASS_NAME, suffix)
+    return template, init_context(backbone, n_ctx, " ".join(words[:k]))

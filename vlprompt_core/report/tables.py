@@ -79,11 +79,21 @@ def few_shot_table(block: Block, backbone: str, shots: int, paper: PaperNumbers)
     rows = {}
     for row in block.rows():
         cells = [_metric_cell(block.of(row, g), "accuracy", paper, g.dataset) for g in groups]
-        average = Cell(sum(c.mean for c in cells) / len(cells)) if all(cells) else None
+        average = None
+        if all(cells):
+            published = _published_average(block, row, groups, paper, "accuracy")
+            average = Cell(sum(c.mean for c in cells) / len(cells), published=published)
         rows[row] = [*cells, average]
     return Table("few_shot", f"few_shot-{_slug(backbone)}-{shots}shots", f"{shots}-shot accuracy ({backbone})",
                  [g.dataset for g in groups] + ["average"], rows,
                  "average: mean over datasets of the per-dataset means (blank unless the method ran on all)")
+
+
+def _published_average(block: Block, row: str, groups: list[Group], paper: PaperNumbers, metric: str) -> float | None:
+    """A row's published average of ``metric`` over the table's datasets, when its paper
+    declares one over exactly those (:meth:`PaperNumbers.average`)."""
+    first = next(p for g in groups for p in block.of(row, g))
+    return paper.average(first.name, first.group, [g.dataset for g in groups], metric)
 
 
 def base2novel_table(block: Block, backbone: str, shots: int, paper: PaperNumbers) -> Table:
@@ -94,7 +104,11 @@ def base2novel_table(block: Block, backbone: str, shots: int, paper: PaperNumber
     rows = {}
     for row in block.rows():
         cells = [_metric_cell(block.of(row, g), m, paper, g.dataset) for g in groups for m in metrics]
-        rows[row] = cells + _base2novel_average(cells[0::3], cells[1::3])
+        averages = _base2novel_average(cells[0::3], cells[1::3])
+        for cell, metric in zip(averages, metrics):
+            if cell is not None:
+                cell.published = _published_average(block, row, groups, paper, metric)
+        rows[row] = cells + averages
     return Table("base2novel", f"base2novel-{_slug(backbone)}-{shots}shots",
                  f"base-to-novel, {shots}-shot ({backbone})",
                  [f"{g.dataset} {m}" for g in groups for m in metrics] + ["average base", "average novel", "average H"],

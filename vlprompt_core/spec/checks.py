@@ -16,7 +16,7 @@ from ..api import DatasetRef
 from ..datacheck import prompt_problems
 from ..errors import UserError
 from ..plugins import Registry
-from ..recipes import resolve_method
+from ..recipes import backbone_info, resolve_method
 from .load import _os_problem
 
 
@@ -57,8 +57,10 @@ def check_spec(spec, reg: Registry, source: str = "spec") -> None:
         if entry.check is not None:
             problems += [f"{source}: {where}: {p}" for p in _checked(entry.check, section, where)]
     methods = []
+    info = backbone_info(spec, reg)
     try:
-        methods = resolve_methods(spec, reg)
+        methods = resolve_methods(spec, reg, info)
+        problems += [f"{source}: {p}" for p in capability_problems(methods, reg, spec.backbone.name, info)]
     except UserError as exc:
         problems += [f"{source}: {p}" for p in exc.problems]
     if not problems:  # prompts against the text context, once the backbone and datasets check out
@@ -134,10 +136,34 @@ def method_labels(spec) -> list[str]:
     return labels
 
 
-def resolve_methods(spec, reg: Registry) -> list:
-    """Every method section with its settings decided (spec > recipe > defaults);
-    see :mod:`vlprompt_core.recipes`."""
-    return [
-        resolve_method(spec, section, label, reg.get("method", section.name))
-        for label, section in zip(method_labels(spec), spec.method)
-    ]
+def resolve_methods(spec, reg: Registry, backbone=None) -> list:
+    """Every method section with its settings decided (spec > recipe > defaults) and
+    settled on the backbone (``backbone``, a :class:`~vlprompt_core.api.BackboneInfo`;
+    default: what the spec's backbone entry tells without loading weights); see
+    :mod:`vlprompt_core.recipes`. The conflicts of every section are one
+    :class:`UserError`, a line each."""
+    backbone = backbone_info(spec, reg) if backbone is None else backbone
+    methods, problems = [], []
+    for label, section in zip(method_labels(spec), spec.method):
+        try:
+            methods.append(resolve_method(spec, section, label, reg.get("method", section.name), backbone))
+        except UserError as exc:
+            problems += exc.problems
+    if problems:
+        raise UserError(*problems)
+    return methods
+
+
+#: What a capability is, in words (as :meth:`~vlprompt_core.api.VisionLanguageBackbone.require` says it).
+NEEDS = {"vision_transformer": "a ViT image tower (visual prompts go into its blocks)"}
+
+
+def capability_problems(methods: list, reg: Registry, name: str, backbone) -> list[str]:
+    """Capabilities the resolved ``methods`` require (:attr:`~vlprompt_core.api.PromptMethod.requires`)
+    that the backbone (``name``) is known, without loading weights, to lack: one line each."""
+    if backbone.capabilities is None:
+        return []
+    return [f"method {m.label!r} ({m.name}) needs {NEEDS.get(capability, capability)}; backbone "
+            f"{backbone.family or name} has none"
+            for m in methods for capability in getattr(reg.get("method", m.name).build, "requires", ())
+            if capability not in backbone.capabilities]

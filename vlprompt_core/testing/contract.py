@@ -10,11 +10,15 @@ test below for each of your cases::
         cases = [{"n_ctx": 4}, Case({"csc": True}, fixed_classes=True)]
 
 Each case is a dict of options (or a :class:`Case`). The battery builds the
-method on a tiny random open_clip backbone (16 px images, width 32) and a
-generated 6-class dataset, and checks that:
+method on a tiny random open_clip backbone (16 px images, width 32, 2 blocks per
+tower) and a generated 6-class dataset, as the engine builds it (with the options
+its ``effective_options`` says it uses there), and checks that:
 
 * the options model rejects unknown keys;
 * the forward gives finite scores ``[B, C]`` for the current classes;
+* the frozen backbone is out of the method's reach: none of its tensors is among
+  the method's parameters, buffers or ``state_dict``, ``apply`` never visits its
+  modules and ``half()`` leaves it as it was;
 * gradients reach every trainable parameter, and only those (no backbone weight
   trains, none gets a gradient);
 * an optimiser step changes trainable parameters and nothing else: the backbone
@@ -46,7 +50,7 @@ from typing import Any, ClassVar
 import pytest
 import torch
 
-from ..api import Batch, ClassSet, PromptMethod
+from ..api import BackboneInfo, Batch, ClassSet, PromptMethod
 from ..errors import UserError
 from .worlds import COLOURS, make_world
 
@@ -136,8 +140,11 @@ class MethodContract:
         return contract_registry.get("method", cls.method)
 
     def build(self, entry, backbone, case: Case, names=NAMES, seed: int = 0) -> PromptMethod:
+        """The method as the engine builds it: with the options it says it uses on this
+        backbone (:meth:`~vlprompt_core.api.PromptMethod.effective_options`)."""
+        options = entry.effective(entry.options.model_validate(case.options), BackboneInfo.of(backbone)).options
         torch.manual_seed(seed)
-        return entry.build(backbone, ClassSet(list(names)), entry.options.model_validate(case.options))
+        return entry.build(backbone, ClassSet(list(names)), options)
 
     def batch(self, method: PromptMethod, n: int = 3, seed: int = 0, labels=True) -> Batch:
         bb = method.backbone
@@ -169,6 +176,26 @@ class MethodContract:
         for n, p in method.named_parameters():
             if p.requires_grad:
                 assert p.dtype == torch.float32, f"{n} is {p.dtype}; trainable parameters are fp32"
+
+    def test_the_backbone_is_out_of_the_methods_reach(self, entry, backbone, case):
+        method = self.build(entry, backbone, case)
+        assert method.backbone is backbone
+        frozen = {t.data_ptr() for t in [*backbone.parameters(), *backbone.buffers()] if t.numel()}
+        own = [(n, t) for n, t in [*method.named_parameters(), *method.named_buffers(),
+                                   *method.state_dict().items()] if isinstance(t, torch.Tensor)]
+        reached = sorted({n for n, t in own if t.numel() and t.data_ptr() in frozen})
+        assert not reached, f"backbone tensors reachable through the method: {reached[:5]}"
+        inside = {id(m) for m in backbone.modules()}
+        visited: list = []
+        method.apply(visited.append)
+        assert not [m for m in visited if id(m) in inside], "method.apply() reaches the backbone's modules"
+        dtypes = {k: v.dtype for k, v in backbone.state_dict().items()}
+        try:
+            method.half()
+            changed = sorted(k for k, v in backbone.state_dict().items() if v.dtype != dtypes[k])
+            assert not changed, f"method.half() changed the backbone ({changed[:3]}...)"
+        finally:  # never leave the class's backbone (fp32) changed for the tests after this one
+            backbone.float()
 
     def test_gradients_reach_every_trainable_parameter(self, entry, backbone, case):
         method = self.build(entry, backbone, case)

@@ -163,8 +163,8 @@ def test_a_resnet_backbone_is_one_clear_line(tmp_path):
                           text=True, env=env)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: method 'provp' (provp) needs a ViT image tower (visual prompts go into its blocks); "
-                      "backbone tiny_rn (ModifiedResNet image tower) has none"]
+    assert errors == [f"error: {spec}: method 'provp' (provp) needs a ViT image tower (visual prompts go into its "
+                      "blocks); backbone tiny_rn has none"]  # told by validate, before anything loads
     with pytest.raises(UserError, match="needs a ViT"):
         from vlprompt_core.builtin.open_clip_backbone import OpenClipOptions, build_open_clip
 

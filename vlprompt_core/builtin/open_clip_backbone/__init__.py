@@ -28,6 +28,7 @@ from ... import hookimpl
 from ...api import BackboneEntry
 from .backbone import OpenClipBackbone
 from .options import EMBEDDED_CONFIG, EMBEDDED_MODEL, EMBEDDED_WEIGHTS, OPENAI_MEAN, OPENAI_STD, OpenClipOptions
+from .properties import open_clip_info
 from .pretrained import REACH_TIMEOUT, _cached_weights, _create_open_clip_model, check_open_clip
 from .tokens import open_clip_text_context
 
@@ -56,5 +57,6 @@ def vlprompt_backbones():
             description="any open_clip model: pretrained tag, checkpoint file, or the embedded tiny CLIP",
             check=check_open_clip,
             text_context=open_clip_text_context,
+            info=open_clip_info,
         )
     ]

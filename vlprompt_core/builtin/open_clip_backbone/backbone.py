@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from ... import textbook
-from ...api import TextPrefix, VisionLanguageBackbone
+from ...api import BlockContext, TextPrefix, VisionLanguageBackbone
 from ...errors import UserError
-from .blocks import _prefix_block, _run_blocks, _shares_prefixes, _suffix_block
+from .blocks import _hooked, _prefix_block, _run_blocks, _shares_prefixes, _suffix_block
 from .options import OPENAI_MEAN, OPENAI_STD
 
 
@@ -106,7 +106,7 @@ class OpenClipBackbone(VisionLanguageBackbone):
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.encode_text_embeddings(self.embed_tokens(tokens), tokens)
 
-    def encode_text_embeddings(self, embeddings, tokens, block_hook=None, add_positional=True):
+    def encode_text_embeddings(self, embeddings, tokens, block_hook=None, add_positional=True, context=None):
         text = self.text
         cast = self._text_cast(embeddings)
         x = embeddings.to(cast)
@@ -119,7 +119,8 @@ class OpenClipBackbone(VisionLanguageBackbone):
         length = x.shape[1]
         if add_positional:
             x = x + text.positional_embedding[:length].to(cast)
-        x = _run_blocks(text.transformer, x, mask, block_hook, "text", keep_length=True)
+        context = (context or BlockContext("text")).cut(length)
+        x = _run_blocks(text.transformer, x, mask, block_hook, context, keep_length=True)
         return self.text_head(x, tokens)
 
     def text_head(self, hidden, tokens):
@@ -135,13 +136,16 @@ class OpenClipBackbone(VisionLanguageBackbone):
             return x
         return proj(x) if isinstance(proj, nn.Linear) else x @ proj
 
-    def encode_text_prefix(self, prefix: torch.Tensor) -> TextPrefix:
+    def encode_text_prefix(self, prefix: torch.Tensor, block_hook=None, context=None) -> TextPrefix:
         """Each block runs on the prefixes as in the full pass (causal mask over P tokens);
         its keys and values are projected once per prefix, for all the suffixes."""
         x = prefix.to(self._text_cast(prefix))
         mask = self.text.attn_mask[: x.shape[1], : x.shape[1]]
+        context = context or BlockContext("text", "prefix")
         states = []
-        for block in self.text.transformer.resblocks:
+        for i, block in enumerate(self.text.transformer.resblocks):
+            if block_hook is not None:
+                x = _hooked(block_hook, i, x, context, keep_length=True)
             x, keys, values = _prefix_block(block, x, mask)
             states.append((keys, values))
         return states
@@ -184,9 +188,10 @@ class OpenClipBackbone(VisionLanguageBackbone):
     def vision_pre_norm(self, tokens):
         return self._vit().ln_pre(tokens)
 
-    def encode_image_tokens(self, tokens, block_hook=None):
+    def encode_image_tokens(self, tokens, block_hook=None, context=None):
         v = self._vit()
-        x = _run_blocks(v.transformer, tokens, None, block_hook, "image", keep_length=False)
+        context = context or BlockContext("image", groups=torch.arange(tokens.shape[0], device=tokens.device))
+        x = _run_blocks(v.transformer, tokens, None, block_hook, context, keep_length=False)
         return self.image_head(x)
 
     def image_head(self, tokens):

@@ -11,29 +11,43 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...api import ContractError
+from ...api import BlockContext, ContractError, call_block_hook
 
 
-def _run_blocks(transformer, x, mask, block_hook, tower: str, keep_length: bool):
+def _hooked(block_hook, i: int, x, context: BlockContext, keep_length: bool):
+    """``x`` after ``block_hook`` before block ``i``, checked against its contract."""
+    before = x.shape
+    out = call_block_hook(block_hook, i, x, context)
+    tower = context.tower
+    if not isinstance(out, torch.Tensor) or out.dim() != 3:
+        raise ContractError(f"{tower} block_hook before block {i} must return a [N, L, W] tensor")
+    if keep_length and out.shape != before:
+        raise ContractError(
+            f"{tower} block_hook before block {i} changed the tokens from {list(before)} to {list(out.shape)}; "
+            "text prompts must replace token states, not insert or remove tokens (pooling reads the "
+            "positions from the token ids)"
+        )
+    if out.shape[0] != before[0] or out.shape[2] != before[2]:
+        raise ContractError(
+            f"{tower} block_hook before block {i} changed the batch size or width from {list(before)} "
+            f"to {list(out.shape)}; only the number of tokens may change"
+        )
+    if getattr(block_hook, "slots_only", False) and context.slots is not None:
+        with torch.no_grad():
+            kept = (context.slots < 0).unsqueeze(-1)
+            same = torch.allclose(torch.where(kept, out, 0), torch.where(kept, x, 0), rtol=0, atol=0, equal_nan=True)
+        if not same:
+            raise ContractError(f"{tower} block_hook before block {i} is slots_only but changed a token that is "
+                                "not a context slot")
+    return out
+
+
+def _run_blocks(transformer, x, mask, block_hook, context: BlockContext, keep_length: bool):
     """The blocks of one tower, with ``block_hook`` before each, checked against its contract."""
     batch_first = getattr(transformer, "batch_first", True)
     for i, block in enumerate(transformer.resblocks):
         if block_hook is not None:
-            before = x.shape
-            x = block_hook(i, x)
-            if not isinstance(x, torch.Tensor) or x.dim() != 3:
-                raise ContractError(f"{tower} block_hook before block {i} must return a [N, L, W] tensor")
-            if keep_length and x.shape != before:
-                raise ContractError(
-                    f"{tower} block_hook before block {i} changed the tokens from {list(before)} to {list(x.shape)}; "
-                    "text prompts must replace token states, not insert or remove tokens (pooling reads the "
-                    "positions from the token ids)"
-                )
-            if x.shape[0] != before[0] or x.shape[2] != before[2]:
-                raise ContractError(
-                    f"{tower} block_hook before block {i} changed the batch size or width from {list(before)} "
-                    f"to {list(x.shape)}; only the number of tokens may change"
-                )
+            x = _hooked(block_hook, i, x, context, keep_length)
         if not batch_first:
             x = x.transpose(0, 1)
         x = block(x, attn_mask=mask)

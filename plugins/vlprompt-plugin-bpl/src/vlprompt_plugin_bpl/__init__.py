@@ -29,6 +29,7 @@ from torch import nn
 from vlprompt_core import hookimpl
 from vlprompt_core.api import Batch, ClassSet, MethodEntry, MethodOutput, Options, PromptMethod
 from vlprompt_core.prompting import PromptTable, PromptTemplate, init_context
+from vlprompt_core.prompting.settle import settle_context
 from vlprompt_core.recipes import Recipe, RecipeRule
 from vlprompt_kernels import cosine_logits
 
@@ -68,6 +69,11 @@ def gaussian_kl(mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
 
 class BPL(PromptMethod):
     inputs = ("image_features",)
+
+    @classmethod
+    def effective_options(cls, options, backbone):
+        """``n_ctx`` as ``ctx_init`` makes it (one vector per token); an ``n_ctx`` the words contradict is refused."""
+        return settle_context(options, backbone)
 
     def __init__(self, backbone, classes: ClassSet, options: BPLOptions):
         super().__init__(backbone, classes, options)

@@ -19,6 +19,7 @@ from torch import nn
 from vlprompt_core import hookimpl
 from vlprompt_core.api import Batch, ClassSet, MethodEntry, MethodOutput, Options, PromptMethod, Published
 from vlprompt_core.prompting import PromptTable, PromptTemplate, init_context
+from vlprompt_core.prompting.settle import settle_context
 from vlprompt_core.recipes import Recipe
 from vlprompt_kernels import cosine_logits
 
@@ -37,6 +38,11 @@ class CoCoOpOptions(Options):
 class CoCoOp(PromptMethod):
     inputs = ("image_features",)
     per_image_text = True  # the reference code loops over the images of a batch
+
+    @classmethod
+    def effective_options(cls, options, backbone):
+        """``n_ctx`` as ``ctx_init`` makes it (one vector per token); an ``n_ctx`` the words contradict is refused."""
+        return settle_context(options, backbone)
 
     def __init__(self, backbone, classes: ClassSet, options: CoCoOpOptions):
         super().__init__(backbone, classes, options)

@@ -17,6 +17,7 @@ from vlprompt_core import hookimpl
 from vlprompt_core.api import Batch, ClassSet, MethodEntry, MethodOutput, Options, PromptMethod, Published
 from vlprompt_core.errors import UserError
 from vlprompt_core.prompting import PromptTable, PromptTemplate, init_context
+from vlprompt_core.prompting.settle import settle_context
 from vlprompt_core.recipes import Recipe, RecipeRule
 from vlprompt_kernels import cosine_logits
 
@@ -43,6 +44,11 @@ class CoOpOptions(Options):
 
 class CoOp(PromptMethod):
     inputs = ("image_features",)
+
+    @classmethod
+    def effective_options(cls, options, backbone):
+        """``n_ctx`` as ``ctx_init`` makes it (one vector per token); an ``n_ctx`` the words contradict is refused."""
+        return settle_context(options, backbone)
 
     def __init__(self, backbone, classes: ClassSet, options: CoOpOptions):
         super().__init__(backbone, classes, options)

@@ -19,7 +19,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from vlprompt_core import hookimpl
-from vlprompt_core.api import Batch, ClassSet, MethodEntry, MethodOutput, Options, PromptMethod
+from vlprompt_core.api import EffectiveOptions, Batch, ClassSet, MethodEntry, MethodOutput, Options, PromptMethod
 from vlprompt_core.errors import UserError
 from vlprompt_core.prompting import (
     Context,
@@ -85,9 +85,39 @@ def equal_groups(depth: int, n: int) -> list[int]:
     return starts
 
 
+def _not_whole_words(n_ctx: int, words: str) -> str:
+    return f"method.ctx_init: the first n_ctx = {n_ctx} tokens of {words!r} must be whole words"
+
+
+def _beyond(start: int, depth: int) -> str:
+    return f"method.group_starts: block {start} is beyond the {depth} prompted blocks"
+
+
 class PMPO(PromptMethod):
     inputs = ("images",)
     requires = ("vision_transformer",)
+
+    @classmethod
+    def effective_options(cls, options, backbone):
+        """``prompt_depth`` (at most the image tower's depth) and ``group_starts`` as used;
+        prompts or groups the prompted blocks cannot hold, and a ``ctx_init`` whose first
+        ``n_ctx`` tokens are not whole words, refused before the run."""
+        o, notes, used = options, [], {}
+        if o.ctx_init and backbone.word_tokens is not None:
+            words = o.ctx_init.split()
+            counts = [backbone.word_tokens(" ".join(words[:k])) for k in range(len(words) + 1)]
+            if o.n_ctx not in counts:
+                raise UserError(_not_whole_words(o.n_ctx, o.ctx_init))
+        depth = backbone.vision_depth
+        if not depth:
+            return EffectiveOptions(options)
+        used["prompt_depth"] = min(o.prompt_depth or depth, depth)
+        if o.prompt_depth and used["prompt_depth"] < o.prompt_depth:
+            notes.append(f"prompt_depth {o.prompt_depth} -> {depth}: the image tower has {depth} blocks")
+        used["group_starts"] = o.group_starts or equal_groups(used["prompt_depth"], o.n_prompts)
+        if used["group_starts"][-1] >= used["prompt_depth"]:
+            raise UserError(_beyond(used["group_starts"][-1], used["prompt_depth"]))
+        return EffectiveOptions(o.model_copy(update=used), tuple(notes))
 
     def __init__(self, backbone, classes: ClassSet, options: PMPOOptions):
         super().__init__(backbone, classes, options)
@@ -101,7 +131,7 @@ class PMPO(PromptMethod):
             k = next((k for k in range(len(words) + 1) if len(bb.tokenize_words(" ".join(words[:k]))) >= m), None)
             learned = bb.tokenize_words(" ".join(words[:k])) if k is not None else []
             if len(learned) != m:
-                raise UserError(f"method.ctx_init: the first n_ctx = {m} tokens of {o.ctx_init!r} must be whole words")
+                raise UserError(_not_whole_words(m, o.ctx_init))
             with torch.no_grad():
                 init = bb.embed_tokens(torch.tensor(learned, device=device)).float()
             ctx = init[None].repeat(n, 1, 1)
@@ -116,7 +146,7 @@ class PMPO(PromptMethod):
         depth = min(o.prompt_depth or bb.vision_depth, bb.vision_depth)
         starts = o.group_starts or equal_groups(depth, n)
         if starts[-1] >= depth:
-            raise UserError(f"method.group_starts: block {starts[-1]} is beyond the {depth} prompted blocks")
+            raise UserError(_beyond(starts[-1], depth))
         self.group_of_block = [max(i for i, s in enumerate(starts) if s <= b) for b in range(depth)]
         self.group_starts = starts
         self.set_classes(classes)

@@ -21,6 +21,7 @@ from vlprompt_core import hookimpl
 from vlprompt_core.api import Batch, ClassSet, MethodEntry, MethodOutput, Options, PromptMethod
 from vlprompt_core.errors import UserError
 from vlprompt_core.prompting import PromptTable, PromptTemplate, init_context
+from vlprompt_core.prompting.settle import settle_context
 from vlprompt_core.recipes import Recipe
 from vlprompt_kernels import cosine_logits
 
@@ -49,6 +50,10 @@ class PREOptions(Options):
         return self
 
 
+def _odd_width(width: int) -> str:
+    return f"method.encoder: a bidirectional LSTM needs an even text width, got {width} (use encoder: mlp)"
+
+
 class PromptEncoder(nn.Module):
     """The reparameterisation encoder, applied to context ``[M, W]`` (one sequence)
     or ``[C, M, W]`` (class-specific context: C sequences)."""
@@ -58,7 +63,7 @@ class PromptEncoder(nn.Module):
         self.kind = kind
         if kind.startswith("lstm"):
             if width % 2:
-                raise UserError(f"method.encoder: a bidirectional LSTM needs an even text width, got {width}")
+                raise UserError(_odd_width(width))
             layers = 2 if kind == "lstm2" else 1
             self.lstm = nn.LSTM(width, width // 2, num_layers=layers, bidirectional=True, batch_first=True,
                                 dropout=lstm_dropout if layers > 1 else 0.0)
@@ -78,6 +83,14 @@ class PromptEncoder(nn.Module):
 
 class PRE(PromptMethod):
     inputs = ("image_features",)
+
+    @classmethod
+    def effective_options(cls, options, backbone):
+        """``n_ctx`` as ``ctx_init`` makes it; an LSTM encoder on an odd text width, or an
+        ``n_ctx`` the words contradict, refused before the run."""
+        if options.encoder.startswith("lstm") and backbone.text_width is not None and backbone.text_width % 2:
+            raise UserError(_odd_width(backbone.text_width))
+        return settle_context(options, backbone)
 
     def __init__(self, backbone, classes: ClassSet, options: PREOptions):
         super().__init__(backbone, classes, options)

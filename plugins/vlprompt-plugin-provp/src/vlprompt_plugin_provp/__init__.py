@@ -20,7 +20,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from vlprompt_core import hookimpl
-from vlprompt_core.api import Batch, ClassSet, MethodEntry, MethodOutput, Options, PromptMethod
+from vlprompt_core.api import Batch, ClassSet, EffectiveOptions, MethodEntry, MethodOutput, Options, PromptMethod
 from vlprompt_core.prompting import TemplateChoice, check_templates, class_text_features, templates_for
 from vlprompt_core.recipes import Recipe, RecipeRule
 from vlprompt_kernels import cosine_logits
@@ -47,6 +47,19 @@ class ProVPOptions(Options):
 class ProVP(PromptMethod):
     inputs = ("images", "image_features")  # prompted images, and the frozen feature of the same images
     requires = ("vision_transformer",)
+
+    @classmethod
+    def effective_options(cls, options, backbone):
+        """``prompt_depth`` as used: every block by default, at most the image tower's depth."""
+        depth = backbone.vision_depth
+        if not depth:
+            return EffectiveOptions(options)
+        used = min(options.prompt_depth or depth, depth)
+        if used == options.prompt_depth:
+            return EffectiveOptions(options)
+        why = (f"prompt_depth {options.prompt_depth} -> {used}: the image tower has {depth} blocks"
+               if options.prompt_depth else f"prompt_depth {used}: every block of the image tower")
+        return EffectiveOptions(options.model_copy(update={"prompt_depth": used}), (why,))
 
     def __init__(self, backbone, classes: ClassSet, options: ProVPOptions):
         super().__init__(backbone, classes, options)
