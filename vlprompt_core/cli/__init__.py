@@ -1,9 +1,10 @@
-"""``vlprompt``: run, eval, validate, list, schema, data list, data check.
+"""``vlprompt``: run, eval, validate, predict, export, list, schema, data list, data check.
 
 One file per command family, each registering its commands on :data:`app`
 (:mod:`.common`, with what they all share: consoles, errors, progress bars):
 
 * :mod:`.running` — ``run``, ``eval``, ``validate``;
+* :mod:`.predict` — ``predict``, ``export``;
 * :mod:`.sweeping` — ``sweep``;
 * :mod:`.installed` — ``list``, ``schema``;
 * :mod:`.data` — the ``data`` group: ``data list``, ``data check``;
@@ -21,12 +22,13 @@ import typer
 
 from .common import app, err, out
 from .running import eval_, run, validate
+from .predict import export_, predict
 from .sweeping import sweep
 from .installed import list_, schema
 from .data import ROOT_HELP, data_app, data_check, data_list
 from .reporting import report
 
-__all__ = ["app", "main", "out", "err", "run", "eval_", "validate", "sweep", "list_", "schema",
+__all__ = ["app", "main", "out", "err", "run", "eval_", "validate", "predict", "export_", "sweep", "list_", "schema",
            "data_app", "data_list", "data_check", "ROOT_HELP", "report"]
 
 

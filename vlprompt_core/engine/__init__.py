@@ -14,7 +14,7 @@ One file per concern, read top-down:
 """
 
 from .batches import ImageBatches, ViewBatches, forward, make_batch
-from .checkpoints import PairFiles, load_checkpoint, save_checkpoint, state_path
+from .checkpoints import PairFiles, assign_trained, load_checkpoint, save_checkpoint, state_path
 from .context import ProgressReporter, RunContext, autocast, resolve_device, resolve_precision, set_seed
 from .evaluate import evaluate
 from .faults import PairFailed, PluginError, Terminated, exit_code, interruption, log_traceback, stop_signals
@@ -26,7 +26,7 @@ __all__ = [
     "Engine", "PairFailed", "PluginError", "ProgressReporter", "RunContext", "PairFiles",
     "fit", "evaluate", "forward", "make_batch", "ImageBatches", "ViewBatches",
     "lr_at", "make_optimizer", "optimizer_groups", "trainable_parameters",
-    "save_checkpoint", "load_checkpoint", "state_path", "log_traceback",
+    "save_checkpoint", "load_checkpoint", "assign_trained", "state_path", "log_traceback",
     "set_seed", "resolve_device", "resolve_precision", "autocast",
     "Terminated", "interruption", "exit_code", "stop_signals",
 ]

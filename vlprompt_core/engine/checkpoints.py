@@ -49,6 +49,13 @@ def load_checkpoint(method: PromptMethod, path: Path, expect: dict[str, str]) ->
     for key in expect:
         if meta[key] != expect[key]:
             raise UserError(f"{path}: trained as {key} {meta[key]}, the spec has {expect[key]}")
+    assign_trained(method, tensors, path)
+
+
+def assign_trained(method: PromptMethod, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Copy trained ``tensors`` (read from ``path``) into ``method``'s trainable
+    parameters: exactly the tensors it trains, each of its shape, finite and not
+    exploded (:func:`~.optim.divergence`); anything else is a :class:`UserError` naming ``path``."""
     params = trainable_parameters(method)
     if set(tensors) != set(params):
         raise UserError(f"{path}: holds {sorted(tensors)}, the method trains {sorted(params)}")
