@@ -9,8 +9,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from toy_methods import ToyHooks, ToyVisualPrompt
+from toy_methods import HooksOptions, ToyHooks, ToyVisualPrompt
 from vlprompt_core.api import Batch, ClassSet, ContractError, ParamGroup
 from vlprompt_core.engine import Engine, lr_at, optimizer_groups
 from vlprompt_core.errors import UserError
@@ -207,8 +208,6 @@ def test_on_epoch_end_is_called_after_each_epoch(world, reg, tmp_path):
 
 
 def test_parameter_groups_must_cover_every_trainable_parameter_once(tiny_backbone):
-    from toy_methods import HooksOptions
-
     m = ToyHooks(tiny_backbone, ClassSet(["a", "b"]), HooksOptions())
     m.parameter_groups = lambda: [ParamGroup([m.ctx])]
     with pytest.raises(ContractError, match="missing: \\['head'\\]"):
@@ -223,8 +222,6 @@ def test_parameter_groups_must_cover_every_trainable_parameter_once(tiny_backbon
 
 
 def test_cache_holds_in_eval_and_clears_on_train_and_set_classes(tiny_backbone):
-    from toy_methods import HooksOptions
-
     m = ToyHooks(tiny_backbone, ClassSet(["a", "b"]), HooksOptions())
     calls = []
     m.eval()
@@ -266,3 +263,96 @@ def test_a_method_whose_entry_says_it_does_not_train_but_has_parameters_fails_it
     assert record["status"] == "failed" and not record["runs"]
     (failure,) = record["failures"]
     assert "has trainable parameters (prompts)" in failure["error"] and "trains=False" in failure["error"]
+
+
+# ------------------------------------------------------------- gradient hook
+
+
+class GradShapingOptions(HooksOptions):
+    pass
+
+
+class ToyGradShaping(ToyHooks):
+    """ToyHooks whose ``backward`` keeps the context's gradient and drops the head's: the
+    head (ones, with weight decay) never moves, the context does."""
+
+    def __init__(self, backbone, classes, options):
+        super().__init__(backbone, classes, options)
+        with torch.no_grad():
+            self.head.fill_(1.0)
+        self.ctx_start = self.ctx.detach().clone()
+        self.backward_calls: list[tuple[float, float]] = []
+
+    def parameter_groups(self):
+        return [ParamGroup([self.ctx]), ParamGroup([self.head], weight_decay=0.5)]
+
+    def backward(self, loss, output, batch):
+        self.backward_calls.append((float(loss.detach()), self.losses_seen[-1]))
+        assert self.ctx.grad is None and self.head.grad is None  # zeroed before the hook
+        loss.backward()
+        self.head.grad = None  # no gradient: the optimiser leaves it, weight decay included
+
+
+def test_backward_hook_shapes_the_step(world, reg, tmp_path):
+    from vlprompt_core.api import MethodEntry
+
+    grads = Registry(entries={k: dict(v) for k, v in reg.entries.items()}, sources=dict(reg.sources),
+                     failures=reg.failures, pm=reg.pm)
+    grads.entries["method"]["toy_grads"] = MethodEntry("toy_grads", GradShapingOptions, ToyGradShaping, "toy grads")
+    grads.sources[("method", "toy_grads")] = reg.sources[("method", "toy_hooks")]
+    store = run(world, grads, tmp_path, {"name": "toy_grads"}, lr=0.01, epochs=2)
+    (method,) = store["methods"]
+    n_steps = 2 * 3  # 2 epochs of 12 items / batch 4
+    assert len(method.backward_calls) == n_steps
+    assert all(given == logged for given, logged in method.backward_calls)  # the loss the method computed
+    assert torch.equal(method.head.detach(), torch.ones_like(method.head))  # never stepped: the hook's choice
+    assert not torch.equal(method.ctx.detach(), method.ctx_start)  # the context stepped as usual
+    (r,) = store["record"]["runs"]
+    assert r["epochs"][0]["loss"] == pytest.approx(sum(c[0] for c in method.backward_calls[:3]) / 3, rel=1e-6)
+
+
+def test_default_backward_is_loss_backward(tiny_backbone):
+    m = ToyHooks(tiny_backbone, ClassSet(["a", "b"]), HooksOptions())
+    batch = Batch(image_features=torch.randn(3, tiny_backbone.embed_dim), labels=torch.tensor([0, 1, 1]))
+    out = m(batch)
+    loss = m.loss(out, batch)
+    expected = torch.autograd.grad(loss, [m.ctx, m.head], retain_graph=True)
+    m.backward(loss, out, batch)
+    assert torch.equal(m.ctx.grad, expected[0]) and torch.equal(m.head.grad, expected[1])
+
+
+def test_the_gradient_hook_example_in_the_docs_runs(tiny_backbone):
+    """The code block under "Shaping a step's gradients" in docs/writing-plugins.md, mixed into
+    a toy method: a conflicting gradient loses its component along the guide's, an agreeing
+    one is kept."""
+    import re
+    from pathlib import Path
+
+    from vlprompt_core.api import MethodOutput
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "writing-plugins.md").read_text()
+    code = re.search(r"### Shaping a step's gradients\n.*?```python\n(.*?)```", text, flags=re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, "writing-plugins.md", "exec"), namespace)
+
+    class Guided(namespace["AlignedStep"], ToyHooks):
+        def forward(self, batch):
+            out = super().forward(batch)
+            target = self.target
+            return MethodOutput(out.logits, losses={"guide": (self.ctx - target).pow(2).sum()})
+
+    m = Guided(tiny_backbone, ClassSet(["a", "b"]), HooksOptions())
+    batch = Batch(image_features=torch.randn(4, tiny_backbone.embed_dim, generator=torch.Generator().manual_seed(0)),
+                  labels=torch.tensor([0, 1, 1, 0]))
+    for sign in (1.0, -1.0):  # a guide pulling along, then against, the cross-entropy's step
+        m.zero_grad(set_to_none=True)
+        out = ToyHooks.forward(m, batch)
+        g_ce = torch.autograd.grad(F.cross_entropy(out.logits, batch.labels), m.ctx)[0]
+        m.target = (m.ctx + sign * g_ce).detach()  # guide gradient: -2 sign g_ce
+        out = m(batch)
+        loss = m.loss(out, batch)
+        m.backward(loss, out, batch)
+        if sign > 0:  # the guide's gradient, -2 g_ce, points against g_ce: all of g_ce is removed
+            assert m.ctx.grad.abs().max() < 1e-6 * g_ce.abs().max()
+        else:  # +2 g_ce agrees: the cross-entropy's own gradient
+            assert torch.allclose(m.ctx.grad, g_ce, atol=1e-7)

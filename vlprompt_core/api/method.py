@@ -93,7 +93,7 @@ class PromptMethod(nn.Module):
     the method is built, and its weights must stay bit-identical.
 
     Optional hooks, each with a default: :meth:`parameter_groups`, :meth:`loss`,
-    :meth:`predict`, :meth:`on_epoch_end`; before anything is built,
+    :meth:`backward`, :meth:`predict`, :meth:`on_epoch_end`; before anything is built,
     :meth:`effective_options` (the settings the method actually uses on a backbone,
     and conflicts told early). :meth:`cached` keeps image-independent results (e.g.
     static prompt features) for the length of an evaluation.
@@ -189,6 +189,17 @@ class PromptMethod(nn.Module):
         for extra in output.losses.values():
             loss = loss + extra.float()
         return loss
+
+    def backward(self, loss: torch.Tensor, output: MethodOutput, batch: Batch) -> None:
+        """Fill the ``.grad`` of the trainable parameters for one training step. Default:
+        ``loss.backward()``.
+
+        The engine calls it after :meth:`loss` (``loss`` is what it returned: checked
+        finite, and what the epoch's log averages), with the gradients zeroed, outside
+        autocast, and steps the optimiser right after: override it to shape the gradients a step follows (project
+        one term's gradient against another's, weight or clip them). A parameter left
+        without a ``.grad`` does not move in this step (weight decay included)."""
+        loss.backward()
 
     def predict(self, output: MethodOutput) -> torch.Tensor:
         """Class scores ``[B, C]`` whose arg-max is the prediction. Default: the logits."""

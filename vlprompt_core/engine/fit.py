@@ -83,7 +83,7 @@ def fit(label: str, seed: int, method: PromptMethod, plan, settings: TrainSpec, 
             if not torch.isfinite(loss):
                 raise diverged(f"{label} seed {seed}: the loss became {loss.item()}", epoch, lr, settings)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            method.backward(loss, out, batch)  # default: loss.backward()
             optimizer.step()
             problem = divergence(params)
             if problem:
