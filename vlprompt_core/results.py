@@ -184,7 +184,8 @@ def settings_table(methods) -> Table:
     table.add_column("settings")
     for m in methods:
         mark = lambda key: "*" if m.sources.get(key) == "recipe" else ""  # noqa: E731
-        train = ", ".join(f"{n} {getattr(m.train, n)}{mark('train.' + n)}" for n in SHOWN_SETTINGS)
+        shown = SHOWN_SETTINGS + (("adam_eps",) if m.train.optimizer != "sgd" else ())
+        train = ", ".join(f"{n} {getattr(m.train, n)}{mark('train.' + n)}" for n in shown)
         chosen = [k for k, v in m.sources.items() if not k.startswith("train.") and v != "default"]
         options = ", ".join(f"{k}={getattr(m.options, k)!r}{mark(k)}" for k in chosen) or "defaults"
         table.add_row(Text(m.label), Text(f"{train}; options: {options}"))  # Text: values are never markup

@@ -56,10 +56,14 @@ class TrainSpec(BaseModel):
     epochs: int = Field(10, ge=0, le=10_000, description="training epochs (0: evaluate only)")
     batch_size: int = Field(32, ge=1, le=65_536)
     eval_batch_size: int = Field(256, ge=1, le=65_536)
-    optimizer: Literal["sgd", "adamw"] = "sgd"
+    optimizer: Literal["sgd", "adam", "adamw"] = Field(
+        "sgd", description="sgd (momentum, L2 weight decay), adam (torch.optim.Adam: L2 weight decay added to the "
+        "gradient, as Dassl's 'adam') or adamw (decoupled weight decay); betas 0.9, 0.999")
     lr: float = Field(0.002, gt=0)
-    momentum: float = Field(0.9, ge=0, description="SGD momentum")
+    momentum: float = Field(0.9, ge=0, description="SGD momentum (adam and adamw ignore it)")
     weight_decay: float = Field(5e-4, ge=0)
+    adam_eps: float = Field(
+        1e-8, gt=0, description="eps of adam and adamw, added to the root of the second moment (sgd ignores it)")
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup_epochs: int = Field(1, ge=0, le=10_000, description="epochs at warmup_lr before the schedule starts")
     warmup_lr: float = Field(1e-5, gt=0)

@@ -36,6 +36,11 @@ def optimizer_groups(method: PromptMethod) -> list[ParamGroup]:
 
 
 def make_optimizer(groups: list[ParamGroup], settings: TrainSpec) -> torch.optim.Optimizer:
+    """``settings.optimizer`` over ``groups`` (each with its own weight decay, and its
+    ``lr_scale`` for :func:`set_lr`), as Dassl's ``build_optimizer`` makes it: ``sgd``
+    (momentum, no dampening or Nesterov), ``adam`` (``torch.optim.Adam``: the weight
+    decay is an L2 term added to the gradient) and ``adamw`` (decoupled weight decay),
+    both with betas (0.9, 0.999) and ``settings.adam_eps``."""
     params = [
         {"params": g.params, "lr_scale": g.lr_scale,
          "weight_decay": settings.weight_decay if g.weight_decay is None else g.weight_decay}
@@ -43,7 +48,9 @@ def make_optimizer(groups: list[ParamGroup], settings: TrainSpec) -> torch.optim
     ]
     if settings.optimizer == "sgd":
         return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
-    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    if settings.optimizer == "adam":
+        return torch.optim.Adam(params, lr=settings.lr, eps=settings.adam_eps, weight_decay=settings.weight_decay)
+    return torch.optim.AdamW(params, lr=settings.lr, eps=settings.adam_eps, weight_decay=settings.weight_decay)
 
 
 def lr_at(epoch: int, settings: TrainSpec) -> float:
