@@ -17,6 +17,7 @@ from typing import Any
 import pluggy
 
 from . import __version__, hookspecs
+from .api.entries import compose_methods
 from .errors import UserError
 from .recipes import check_recipe
 
@@ -156,6 +157,7 @@ def build_registry(pm: pluggy.PluginManager, failures: list[LoadFailure], source
                     )
                 reg.entries[kind][entry.name] = entry
                 reg.sources[(kind, entry.name)] = source
+    reg.entries["method"] = compose_methods(reg.entries["method"])  # wrappers take the others' sections
     return reg
 
 

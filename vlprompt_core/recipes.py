@@ -81,6 +81,8 @@ class ResolvedMethod:
     key: str = ""
     used: Any = None
     notes: tuple[str, ...] = ()
+    #: For a method that wraps others: one line each on how the recipes combined.
+    wrapping: tuple[str, ...] = ()
 
     def settle(self, entry, backbone: BackboneInfo) -> None:
         """Set :attr:`used` and :attr:`notes` from the method's effective options on
@@ -103,10 +105,18 @@ class ResolvedMethod:
         notes (a line each, they say why), or one line of the changed values when it
         gave none; nothing where it uses what it was asked."""
         if self.notes:
-            return [f"{self.label}: {note}" for note in self.notes]
+            return [*self.wrapping, *(f"{self.label}: {note}" for note in self.notes)]
         changed = self.changed()
-        return [f"{self.label} uses " + ", ".join(f"{k}={used!r} (asked {asked!r})"
-                                                  for k, (asked, used) in changed.items())] if changed else []
+        return [*self.wrapping, *([f"{self.label} uses " + ", ".join(f"{k}={used!r} (asked {asked!r})"
+                                                                     for k, (asked, used) in changed.items())]
+                                  if changed else [])]
+
+    def option(self, key: str) -> Any:
+        """The value of option ``key``; ``base.n_ctx`` for an option of a wrapped method."""
+        value = self.options
+        for part in key.split("."):
+            value = getattr(value, part)
+        return value
 
     def describe(self) -> dict[str, Any]:
         """Plain data for ``results.json``: ``used`` and ``notes`` once settled."""
@@ -198,14 +208,29 @@ def resolve_method(spec, section, label: str, entry, backbone: BackboneInfo | No
             "spec" if name in own or name in user_train else "recipe" if name in recipe_train else "default"
         )
 
+    # a wrapped method's options first: its recipe < the wrapper's recipe for it < the spec
+    wrapping = []
+    for ref in entry.wraps:
+        per_base = recipe_options.pop(ref, None) or {}
+        wrapped = getattr(section, ref)
+        given = ", ".join(f"{k}={v!r}" for k, v in (per_base.get(wrapped.name) or {}).items()) or "nothing"
+        wrapping.append(f"{label}: {section.name} over {wrapped.name}: {ref} options from {wrapped.name}'s recipe, "
+                        f"then {section.name}'s recipe for {wrapped.name} ({given}), then the spec; train settings "
+                        f"from {section.name}'s recipe only")
+        inner, inner_sources = _resolve_wrapped(wrapped, entry.bases, per_base.get(wrapped.name, {}), context,
+                                                f"method {label!r}: {ref}")
+        section = section.model_copy(update={ref: inner})
+        sources.update({f"{ref}.{k}": v for k, v in inner_sources.items()})
+
     # options: defaults < recipe < what the section says
     reserved = {"name", "label", "train"}
     user_options = section.model_dump(include=section.model_fields_set - reserved)
     applied = {k: v for k, v in recipe_options.items() if k not in user_options}
     if applied:
         try:
+            settled = {ref: getattr(section, ref) for ref in entry.wraps}  # as resolved above
             options = type(section).model_validate({**section.model_dump(include=section.model_fields_set),
-                                                    **applied})
+                                                    **applied, **settled})
         except ValidationError as exc:
             why = ", ".join(f"{k}={v!r}" for k, v in applied.items())
             raise UserError(*[f"method {label!r}: {e['msg']} (with the recipe's {why}; write the option in the "
@@ -213,9 +238,10 @@ def resolve_method(spec, section, label: str, entry, backbone: BackboneInfo | No
     else:
         options = section
     for name in entry.options.model_fields:
-        sources[name] = "spec" if name in user_options else "recipe" if name in applied else "default"
+        if name not in entry.wraps:
+            sources[name] = "spec" if name in user_options else "recipe" if name in applied else "default"
 
-    resolved = ResolvedMethod(label, section.name, options, train, sources)
+    resolved = ResolvedMethod(label, section.name, options, train, sources, wrapping=tuple(wrapping))
     resolved.key = method_key(spec, resolved, entry.trains)
     try:
         resolved.settle(entry, backbone)
@@ -225,6 +251,26 @@ def resolve_method(spec, section, label: str, entry, backbone: BackboneInfo | No
         raise UserError(f"method {label!r}: {section.name}'s effective_options raised {type(exc).__name__}: {exc} "
                         "(a fault in its plug-in: report it to its authors)") from exc
     return resolved
+
+
+def _resolve_wrapped(section, bases: dict, wrapper_recipe: dict, context: dict, where: str):
+    """The options of a wrapped method's section (:class:`~vlprompt_core.api.MethodRef`):
+    its own recipe's options, then what the wrapper's recipe gives for it (the
+    wrapper's authors' setting of that method), then what the section says; and where
+    each came from. Only the wrapper's train settings apply: the wrapped method's
+    recipe trains nothing of its own."""
+    own = bases[section.name].recipe
+    recipe = {**(own.for_context(context)[1] if own else {}), **wrapper_recipe}
+    written = section.model_fields_set - {"name"}
+    applied = {k: v for k, v in recipe.items() if k not in written}
+    try:
+        options = type(section).model_validate({**section.model_dump(include=section.model_fields_set), **applied})
+    except ValidationError as exc:
+        raise UserError(*[f"{where}: {e['msg']} (with the recipes' {applied}; write the option in the spec to "
+                          "override it)" for e in exc.errors()]) from None
+    sources = {name: "spec" if name in written else "recipe" if name in applied else "default"
+               for name in bases[section.name].options.model_fields}
+    return options, sources
 
 
 def method_key(spec, resolved: ResolvedMethod, trains: bool = True) -> str:

@@ -187,6 +187,6 @@ def settings_table(methods) -> Table:
         shown = SHOWN_SETTINGS + (("adam_eps",) if m.train.optimizer != "sgd" else ())
         train = ", ".join(f"{n} {getattr(m.train, n)}{mark('train.' + n)}" for n in shown)
         chosen = [k for k, v in m.sources.items() if not k.startswith("train.") and v != "default"]
-        options = ", ".join(f"{k}={getattr(m.options, k)!r}{mark(k)}" for k in chosen) or "defaults"
+        options = ", ".join(f"{k}={m.option(k)!r}{mark(k)}" for k in chosen) or "defaults"
         table.add_row(Text(m.label), Text(f"{train}; options: {options}"))  # Text: values are never markup
     return table

@@ -42,11 +42,21 @@ from .entries import (
     DatasetRef,
     LoggerEntry,
     MethodEntry,
+    MethodRef,
     ProtocolContext,
     ProtocolEntry,
     Published,
 )
-from .method import INPUTS, Batch, EffectiveOptions, MethodOutput, ParamGroup, PromptMethod
+from .method import (
+    IMAGE_FEATURES,
+    INPUTS,
+    TEXT_FEATURES,
+    Batch,
+    EffectiveOptions,
+    MethodOutput,
+    ParamGroup,
+    PromptMethod,
+)
 from .recipe import Recipe, RecipeCondition, RecipeRule
 
 __all__ = [
@@ -87,4 +97,7 @@ __all__ = [
     "ProtocolEntry",
     "LoggerEntry",
     "DatasetRef",
+    "MethodRef",
+    "TEXT_FEATURES",
+    "IMAGE_FEATURES",
 ]

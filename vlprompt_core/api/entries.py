@@ -4,10 +4,14 @@ plans with (:class:`ProtocolContext`) and :class:`DatasetRef` for dataset option
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Annotated, Any, Callable, Literal, Union
 
+from pydantic import Field, create_model
+
+from ..errors import UserError
 from ..yamlload import load as load_yaml
 from .backbone import VisionLanguageBackbone
 from .base import BackboneInfo, ContractError, Options
@@ -115,15 +119,23 @@ class MethodEntry:
     trainable parameters, e.g. zero-shot CLIP). Its results are then keyed without the
     train settings that only training reads (epochs, lr, batch size, ...; see
     :func:`~vlprompt_core.recipes.method_key`), so that runs of it under different
-    training settings count as the same (method, seed) pairs."""
+    training settings count as the same (method, seed) pairs.
+
+    A method that wraps another types an option :class:`MethodRef`; the registry then
+    fills in ``wraps`` and ``bases`` (:func:`compose_methods`). Build methods with
+    :meth:`make`, which builds the wrapped ones first."""
 
     name: str
     options: type[Options]
-    build: Callable[[VisionLanguageBackbone, ClassSet, Any], PromptMethod]
+    build: Callable[..., PromptMethod]
     description: str = ""
     recipe: Recipe | None = None
     published: tuple[Published, ...] = ()
     trains: bool = True
+    #: Set by the core, never by a plug-in: the option fields typed :class:`MethodRef`
+    #: (the methods this one wraps), and the entries such a field may name.
+    wraps: tuple[str, ...] = ()
+    bases: dict[str, MethodEntry] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     def effective(self, options: Any, backbone: BackboneInfo) -> EffectiveOptions:
         """The options the method uses on ``backbone``: its class's
@@ -132,15 +144,93 @@ class MethodEntry:
         when ``build`` has none. Raises the method's :class:`UserError` for conflicts;
         a result that is not :class:`EffectiveOptions` of this entry's options model is
         a :class:`ContractError`."""
+        notes: tuple[str, ...] = ()
+        for field in self.wraps:  # each wrapped method settles its own options first
+            base = getattr(options, field)
+            _check_wrappable(self, field, self.bases[base.name])
+            try:
+                inner = self.bases[base.name].effective(base, backbone)
+            except UserError as exc:  # its options' paths, as the spec nests them
+                raise UserError(*[p.replace("method.", f"method.{field}.", 1) if p.startswith("method.")
+                                  else f"{field} ({base.name}): {p}" for p in exc.problems]) from None
+            options = options.model_copy(update={field: inner.options})
+            notes += tuple(f"{field} ({base.name}): {note}" for note in inner.notes)
         hook = getattr(self.build, "effective_options", None)
         if hook is None:
-            return EffectiveOptions(options)
+            return EffectiveOptions(options, notes)
         result = hook(options, backbone)
         if not (isinstance(result, EffectiveOptions) and isinstance(result.options, self.options)
                 and all(isinstance(n, str) for n in result.notes)):
             raise ContractError(f"method {self.name!r}: effective_options must return EffectiveOptions(options, "
                                 f"notes) with {self.options.__name__} options, got {result!r}"[:300])
-        return result
+        return EffectiveOptions(result.options, notes + tuple(result.notes)) if notes else result
+
+    def make(self, backbone: VisionLanguageBackbone, classes: ClassSet, options: Any) -> PromptMethod:
+        """The method built with ``options``: for a method that wraps others, each
+        wrapped method is built first from its own entry (its section in ``options``)
+        and handed to this one's ``build`` as the keyword named like its field."""
+        inner = {field: self.bases[getattr(options, field).name].make(backbone, classes, getattr(options, field))
+                 for field in self.wraps}
+        return self.build(backbone, classes, options, **inner)
+
+
+class MethodRef(dict):
+    """Annotate a method option as ``MethodRef`` to wrap another method (e.g. DePT's
+    head over any text-context method): the spec then takes a whole method section
+    there, ``method: {name: dept, base: {name: kgcoop, kg_weight: 2}}``, validated
+    against the options of the method it names (errors say ``method.base.<field>``).
+
+    The core builds the wrapped method from its own entry and hands it, built, to the
+    wrapper's ``build`` as the keyword named like the field (``build(backbone,
+    classes, options, base=<PromptMethod>)``); its options settle before the
+    wrapper's, and ``results.json``, result keys and checkpoints hold both. The
+    wrapper's class says what it needs of the wrapped one in
+    :attr:`~vlprompt_core.api.PromptMethod.needs_of_wrapped` (checked against its
+    :attr:`~vlprompt_core.api.PromptMethod.provides` before anything is built). A
+    wrapper cannot itself be wrapped."""
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source, handler):
+        return handler.generate_schema(dict[str, Any])
+
+
+def _check_wrappable(wrapper: MethodEntry, field: str, base: MethodEntry) -> None:
+    """A :class:`UserError` when ``base`` lacks what ``wrapper`` needs of it."""
+    needs = getattr(wrapper.build, "needs_of_wrapped", ())
+    missing = [n for n in needs if n not in getattr(base.build, "provides", ())]
+    if missing:
+        raise UserError(f"{field}: {wrapper.name} cannot wrap {base.name!r}: it needs a method that provides "
+                        f"{', '.join(repr(n) for n in missing)} (PromptMethod.provides), which {base.name} does not")
+
+
+def compose_methods(methods: dict[str, MethodEntry]) -> dict[str, MethodEntry]:
+    """The registered methods with every wrapper's :class:`MethodRef` fields typed as
+    a section of any method that wraps none (told apart by ``name``)."""
+    plain = {name: e for name, e in methods.items()
+             if not any(f.annotation is MethodRef for f in e.options.model_fields.values())}
+    if len(plain) == len(methods):
+        return methods
+    sections = [create_model(f"Wrapped_{name}", __base__=e.options,
+                             name=(Literal[name], Field(description=e.description)))
+                for name, e in sorted(plain.items())]
+    section = sections[0] if len(sections) == 1 else Annotated[Union[tuple(sections)], Field(discriminator="name")]
+    out = dict(methods)
+    for name, e in methods.items():
+        if name in plain:
+            continue
+        wraps = tuple(f for f, info in e.options.model_fields.items() if info.annotation is MethodRef)
+        fields = {f: (section, Field(description=e.options.model_fields[f].description or "the wrapped method: "
+                                     "a method section, {name: <method>, ...its options}")) for f in wraps}
+        options = create_model(e.options.__name__, __base__=e.options, __module__=e.options.__module__, **fields)
+        options.__vlprompt_wraps__ = wraps  # for wrapped_fields(): spec sections subclass it
+        out[name] = dataclasses.replace(e, options=options, wraps=wraps, bases=plain)
+    return out
+
+
+def wrapped_fields(options: type[Options]) -> tuple[str, ...]:
+    """The fields of an options model (or a spec section made from it) that hold a
+    wrapped method's section; none for a method that wraps none."""
+    return getattr(options, "__vlprompt_wraps__", ())
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,11 @@ class MethodOutput:
     the default :meth:`PromptMethod.loss` adds; each is logged per epoch by name.
     ``extras`` carry anything else a method's own ``loss``/``predict`` needs (e.g.
     per-sample logits of a stochastic method).
+
+    A method that :attr:`~PromptMethod.provides` ``"features"`` puts there
+    :data:`TEXT_FEATURES` ``[C, D]`` and :data:`IMAGE_FEATURES` ``[B, D]``: the
+    features, before normalisation, whose scaled cosine similarity its ``logits`` are
+    (a method wrapping it, e.g. DePT's head, works on them).
     """
 
     logits: torch.Tensor
@@ -71,6 +76,8 @@ class ParamGroup:
 
 
 INPUTS = ("images", "image_features")
+#: :attr:`MethodOutput.extras` keys of a method that provides ``"features"``.
+TEXT_FEATURES, IMAGE_FEATURES = "text_features", "image_features"
 
 
 @dataclass(frozen=True)
@@ -118,6 +125,14 @@ class PromptMethod(nn.Module):
     #: e.g. CoCoOp). Only :mod:`~vlprompt_core.textbook` mode reads it: it calls such
     #: a method one image at a time, as the reference code loops over a batch.
     per_image_text: ClassVar[bool] = False
+    #: What a method wrapping this one may rely on (see
+    #: :class:`~vlprompt_core.api.MethodRef`): ``"features"``, its forward puts the text
+    #: and image features its logits are the scaled cosine of into
+    #: :attr:`MethodOutput.extras` (:data:`TEXT_FEATURES`, :data:`IMAGE_FEATURES`).
+    provides: ClassVar[tuple[str, ...]] = ()
+    #: For a method that wraps another: what the wrapped one must provide
+    #: (:attr:`provides`); another is refused before anything is built.
+    needs_of_wrapped: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, backbone: VisionLanguageBackbone, classes: ClassSet, options: Options):
         super().__init__()

@@ -285,7 +285,7 @@ class Engine:
         entry = self.registry.get("method", m.name)
         set_seed(seed)
         tb = time.perf_counter()
-        method: PromptMethod = entry.build(backbone, plan.classes, m.used).to(self.device)
+        method: PromptMethod = entry.make(backbone, plan.classes, m.used).to(self.device)
         times = {"build": time.perf_counter() - tb}
         params = trainable_parameters(method)
         if params and not entry.trains:

@@ -85,7 +85,7 @@ def from_results(path: Path, label: str | None, seed: int | None, device: torch.
                          f"method {label!r} ({m.name})", entry)
     classes = _trained_classes(results, reg, spec, seed)
     set_seed(seed)
-    method = entry.build(backbone, classes, m.used if m.used is not None else m.options).to(device)
+    method = entry.make(backbone, classes, m.used if m.used is not None else m.options).to(device)
     if trainable_parameters(method):
         checkpoint = _checkpoint(folder, results, run)
         if checkpoint is not None:
@@ -257,7 +257,7 @@ def from_export(path: Path, label: str | None, seed: int | None, device: torch.d
                         "other weights; use the backbone it was trained with")
     classes = ClassSet(**head.classes.model_dump())
     set_seed(head.seed)
-    method = entry.build(backbone, classes, options).to(device)
+    method = entry.make(backbone, classes, options).to(device)
     assign_trained(method, exported.trained, path)
     about = {**head.about, "label": head.label, "method": head.method, "seed": head.seed, "source": str(path),
              "options": head.options, "used": head.used, "train": head.train, "backbone": head.backbone,

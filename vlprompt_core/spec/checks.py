@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..api import DatasetRef
+from ..api.entries import wrapped_fields
 from ..datacheck import prompt_problems
 from ..errors import UserError
 from ..plugins import Registry
@@ -107,13 +108,14 @@ def file_label(label: str) -> str:
 
 def method_labels(spec) -> list[str]:
     """The name each method section has in the results: its ``label`` or its method
-    name, with ``#2``, ``#3`` ... appended when a name repeats. Each section's name is
+    name (joined with the wrapped method's, ``dept+kgcoop``, for a method that wraps
+    another), with ``#2``, ``#3`` ... appended when a name repeats. Each section's name is
     its own: names that would pool two sections in one row (a label equal to the
     ``coop#2`` another section is given) or in one file (``a b`` and ``a_b``; ``A`` and
     ``a``, one name where file names ignore case) are a :class:`UserError`, a line each."""
     labels, numbered, seen = [], [], {}
     for m in spec.method:
-        base = m.label or m.name
+        base = m.label or "+".join([m.name, *(getattr(m, f).name for f in wrapped_fields(type(m)))])
         seen[base] = seen.get(base, 0) + 1
         labels.append(base if seen[base] == 1 else f"{base}#{seen[base]}")
         numbered.append(seen[base] > 1)

@@ -54,8 +54,10 @@ def _dataset_ref_fields(options: type[BaseModel], dataset) -> dict[str, Any]:
 
 def _method_list(reg: Registry):
     """``method:`` may be one section, a list, or ``all`` (the built-in baselines
-    first, then installed plug-ins; the core names no method)."""
-    names = sorted(reg.names("method"), key=lambda n: (reg.sources[("method", n)].distribution != "vlprompt", n))
+    first, then installed plug-ins; the core names no method; not the methods that wrap
+    another: they need a ``base`` of the user's choice)."""
+    names = sorted((n for n in reg.names("method") if not reg.get("method", n).wraps),
+                   key=lambda n: (reg.sources[("method", n)].distribution != "vlprompt", n))
 
     def expand(value):
         if value == "all":
@@ -108,7 +110,8 @@ def build_spec_model(reg: Registry) -> type[BaseModel]:
     backbone = _union(_section_models(reg, "backbone"), "backbone")
     method = _union(
         _section_models(reg, "method", {
-            "label": (Optional[str], Field(None, description="name in the results (default: the method name)")),
+            "label": (Optional[str], Field(None, description="name in the results (default: the method name; "
+                                                    "dept+kgcoop for a method wrapping another)")),
             "train": (Optional[TrainOverride], Field(None, description="overrides of the train section for this method")),
         }),
         "method",

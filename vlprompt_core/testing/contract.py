@@ -144,7 +144,7 @@ class MethodContract:
         backbone (:meth:`~vlprompt_core.api.PromptMethod.effective_options`)."""
         options = entry.effective(entry.options.model_validate(case.options), BackboneInfo.of(backbone)).options
         torch.manual_seed(seed)
-        return entry.build(backbone, ClassSet(list(names)), options)
+        return entry.make(backbone, ClassSet(list(names)), options)
 
     def batch(self, method: PromptMethod, n: int = 3, seed: int = 0, labels=True) -> Batch:
         bb = method.backbone

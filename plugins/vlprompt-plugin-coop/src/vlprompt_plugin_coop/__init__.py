@@ -14,7 +14,17 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from vlprompt_core import hookimpl
-from vlprompt_core.api import Batch, ClassSet, MethodEntry, MethodOutput, Options, PromptMethod, Published
+from vlprompt_core.api import (
+    IMAGE_FEATURES,
+    TEXT_FEATURES,
+    Batch,
+    ClassSet,
+    MethodEntry,
+    MethodOutput,
+    Options,
+    PromptMethod,
+    Published,
+)
 from vlprompt_core.errors import UserError
 from vlprompt_core.prompting import PromptTable, PromptTemplate, init_context
 from vlprompt_core.prompting.settle import settle_context
@@ -44,6 +54,7 @@ class CoOpOptions(Options):
 
 class CoOp(PromptMethod):
     inputs = ("image_features",)
+    provides = ("features",)  # MethodOutput.extras: TEXT_FEATURES, IMAGE_FEATURES
 
     @classmethod
     def effective_options(cls, options, backbone):
@@ -74,7 +85,7 @@ class CoOp(PromptMethod):
     def forward(self, batch: Batch) -> MethodOutput:
         text = self.cached("text_features", self.text_features)  # static: once per evaluation
         logits = cosine_logits(batch.image_features.float(), text.float(), self.backbone.logit_scale)
-        return MethodOutput(logits)
+        return MethodOutput(logits, extras={TEXT_FEATURES: text, IMAGE_FEATURES: batch.image_features})
 
 
 #: The official recipe (KaiyangZhou/CoOp ``configs/trainers/CoOp/*.yaml``, ``scripts/coop/main.sh``):

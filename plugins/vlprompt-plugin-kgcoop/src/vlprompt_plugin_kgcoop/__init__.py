@@ -18,7 +18,17 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from vlprompt_core import hookimpl
-from vlprompt_core.api import Batch, ClassSet, MethodEntry, MethodOutput, Options, PromptMethod, Published
+from vlprompt_core.api import (
+    IMAGE_FEATURES,
+    TEXT_FEATURES,
+    Batch,
+    ClassSet,
+    MethodEntry,
+    MethodOutput,
+    Options,
+    PromptMethod,
+    Published,
+)
 from vlprompt_core.prompting import (
     PromptTable,
     PromptTemplate,
@@ -62,6 +72,7 @@ def knowledge_distance(learned: torch.Tensor, frozen: torch.Tensor, kind: str = 
 
 class KgCoOp(PromptMethod):
     inputs = ("image_features",)
+    provides = ("features",)  # MethodOutput.extras: TEXT_FEATURES, IMAGE_FEATURES
 
     @classmethod
     def effective_options(cls, options, backbone):
@@ -90,7 +101,7 @@ class KgCoOp(PromptMethod):
         if self.training and self.options.kg_weight > 0:
             distance = knowledge_distance(text, self.prior, self.options.kg_distance)
             losses["kg"] = self.options.kg_weight * distance
-        return MethodOutput(logits, losses=losses)
+        return MethodOutput(logits, losses=losses, extras={TEXT_FEATURES: text, IMAGE_FEATURES: batch.image_features})
 
 
 #: htyao89/KgCoOp ``KgCoOp/trainers/kgcoop.py`` CUSTOM_TEMPLATES where they differ from
