@@ -111,6 +111,18 @@ def test_adam_follows_the_same_schedule():
     assert math.isclose(lr_at(26, adam), 0.002 * (1 + math.cos(math.pi * 25 / 50)) / 2)
 
 
+def test_warm_up_sets_every_group_to_the_warm_up_rate_then_groups_scale_the_schedule():
+    """Dassl's constant warm-up gives every parameter group the warm-up rate itself (a
+    group trained at 6.5x the base rate, as DePT's head, warms up at 1e-5 too)."""
+    from vlprompt_core.engine.optim import set_lr
+
+    opt = make_optimizer(groups(), TrainSpec(lr=0.002))
+    set_lr(opt, 1e-5, warmup=True)
+    assert [g["lr"] for g in opt.param_groups] == [1e-5, 1e-5]
+    set_lr(opt, 0.002)
+    assert [g["lr"] for g in opt.param_groups] == [0.002, 0.002 * 10.0]
+
+
 @pytest.mark.parametrize("value", [0, -1e-3, float("inf"), float("nan"), "x"])
 def test_adam_eps_must_be_a_positive_finite_number(value):
     with pytest.raises(ValueError):

@@ -71,7 +71,7 @@ def fit(label: str, seed: int, method: PromptMethod, plan, settings: TrainSpec, 
         started = time.perf_counter()
         epoch_start = batches.generator.get_state()
         lr = lr_at(epoch, settings)
-        set_lr(optimizer, lr)
+        set_lr(optimizer, lr, warmup=epoch < settings.warmup_epochs)
         step, (total, count, correct, terms) = (at.step, at.sums) if epoch == at.epoch else (0, [0.0, 0, 0, {}])
         batches.skip = step
         for batch in batches:

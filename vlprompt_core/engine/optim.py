@@ -65,10 +65,11 @@ def lr_at(epoch: int, settings: TrainSpec) -> float:
     return settings.lr * (1 + math.cos(math.pi * t / settings.epochs)) / 2
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Every group at ``lr`` times its own ``lr_scale``."""
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, warmup: bool = False) -> None:
+    """Every group at ``lr`` times its own ``lr_scale``; in a warm-up epoch every group
+    at ``lr`` itself, as Dassl's constant warm-up sets every group to its warm-up rate."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group["lr_scale"]
+        group["lr"] = lr if warmup else lr * group["lr_scale"]
 
 
 #: A trainable value beyond this magnitude means that training diverged. What prompt
