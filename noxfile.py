@@ -19,8 +19,9 @@ def install(session: nox.Session) -> None:
     session.install("-ekernels", "-e.[test]", *plugins)
 
 
-#: as scripts/test.sh: in parallel, a module's (or test class's) tests on one worker
-PARALLEL = ["-n", "auto", "--maxprocesses", "4", "--dist", "loadscope"]
+#: as scripts/test.sh: in parallel, a module's (or test class's) tests on one worker, the
+#: longest modules first (tests/conftest.py)
+PARALLEL = ["-n", "auto", "--maxprocesses", "4", "--dist", "loadscope", "--no-loadscope-reorder"]
 
 
 @nox.session

@@ -36,14 +36,26 @@ settings.register_profile("vlprompt", deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "vlprompt"))
 
 
+#: The modules that take longest (module-scoped runs, processes started, ``--durations``),
+#: longest first. They are collected first, so that in parallel (scripts/test.sh: whole
+#: modules to a worker, in collection order: ``--dist loadscope --no-loadscope-reorder``)
+#: they start first and no worker runs one of them alone at the end while the others wait.
+LONGEST_FIRST = ("tests/test_sweep.py", "tests/test_reliability.py", "tests/test_trust_faults.py",
+                 "tests/test_datasets.py", "tests/test_trust_inputs.py", "tests/test_resume.py",
+                 "tests/test_quickstart.py")
+
+
 @pytest.hookimpl(tryfirst=True)  # before -m selects
 def pytest_collection_modifyitems(config, items):
     """The method contract's end-to-end tests (whole runs through the engine, for each
-    plug-in and case) are ``slow``; its checks of the built method are not."""
+    plug-in and case) are ``slow``; its checks of the built method are not. The modules
+    of :data:`LONGEST_FIRST` first, the rest in their order."""
     for item in items:
         cls = getattr(item, "cls", None)
         if cls is not None and issubclass(cls, MethodContract) and item.originalname in MethodContract.END_TO_END:
             item.add_marker(pytest.mark.slow)
+    rank = {module: i for i, module in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ split-file dataset with a tiny open_clip model, and what users see on mistakes."
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -15,13 +16,86 @@ import yaml
 
 
 def vlprompt(*args: str, env_extra: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """``vlprompt ARGS`` as in CI: output to pipes, no terminal size set (``COLUMNS``)."""
+    """``vlprompt ARGS`` as in CI, run in this process (a subprocess would import torch
+    again, ~2 s a call), as a fresh process would run it: the plug-in registry built
+    again, ``env_extra`` set, no terminal size, output to pipes (stdout and stderr
+    apart). What Python would print on stderr is there too: the traceback of an
+    exception that escapes the CLI (exit code 1), warnings (a fresh interpreter's
+    filters), log records of level WARNING or more. The same answer as
+    :func:`vlprompt_process`, which is for tests of the process itself (the executable,
+    signals, other ``site-packages``, worker processes' output)."""
+    import traceback
+    import warnings
+
+    from typer.testing import CliRunner
+
+    import vlprompt_core.plugins as plugins
+    from vlprompt_core.cli import app
+
+    cwd_before = os.getcwd()  # a command may change it (a sweep's runs: to their sweep file's folder)
+    log = _LogToStderr()
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings(record=True) as caught:
+        for name in ("COLUMNS", "LINES"):
+            mp.delenv(name, raising=False)
+        for name, value in {"HF_HUB_OFFLINE": "1", **(env_extra or {})}.items():
+            mp.setenv(name, value)
+        mp.setattr(plugins, "_REGISTRY", None)  # the installed plug-ins, as a fresh process sees them
+        warnings.simplefilter("default")  # each warning once, but those a fresh interpreter ignores
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", category)
+        logging.getLogger().addHandler(log)
+        try:
+            if cwd is not None:
+                os.chdir(cwd)
+            result = CliRunner().invoke(app, list(args), prog_name="vlprompt")
+        finally:
+            logging.getLogger().removeHandler(log)
+            os.chdir(cwd_before)
+    stderr = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line) for w in caught)
+    stderr += result.stderr
+    code = result.exit_code
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(*result.exc_info))
+        code = 1
+    return subprocess.CompletedProcess(["vlprompt", *args], code, result.stdout, stderr)
+
+
+class _LogToStderr(logging.Handler):
+    """Log records of level WARNING or more written to ``sys.stderr`` of the moment (the
+    CLI's captured stderr), as the CLI's ``logging.basicConfig`` or Python's last-resort
+    handler writes them in a process of its own."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record):
+        sys.stderr.write(self.format(record) + "\n")
+
+
+def vlprompt_process(*args: str, env_extra: dict | None = None, cwd: Path | None = None,
+                     executable: bool = False) -> subprocess.CompletedProcess:
+    """``vlprompt ARGS`` in a process of its own, output to pipes, no terminal size set
+    (``COLUMNS``); ``executable``: the ``vlprompt`` console script installed beside this
+    Python (what a user types), else ``python -m vlprompt_core.cli``."""
+    return finish(start_vlprompt_process(*args, env_extra=env_extra, cwd=cwd, executable=executable))
+
+
+def start_vlprompt_process(*args: str, env_extra: dict | None = None, cwd: Path | None = None,
+                           executable: bool = False) -> subprocess.Popen:
+    """:func:`vlprompt_process` started, not waited for: :func:`finish` waits for it."""
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
     env.update(HF_HUB_OFFLINE="1", **(env_extra or {}))
-    return subprocess.run(
-        [sys.executable, "-m", "vlprompt_core.cli", *args],
-        capture_output=True, text=True, env=env, cwd=cwd,
-    )
+    command = [str(Path(sys.executable).with_name("vlprompt"))] if executable else [sys.executable, "-m",
+                                                                                     "vlprompt_core.cli"]
+    return subprocess.Popen([*command, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=cwd)
+
+
+def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    """Wait for a process of :func:`start_vlprompt_process`; what it printed, its exit code."""
+    stdout, stderr = proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def write_spec(path: Path, world, protocol: dict, method=None, **extra) -> Path:
@@ -50,7 +124,7 @@ PROTOCOLS = {
 }
 
 
-@pytest.mark.slow  # `vlprompt run` in a subprocess, two methods, two seeds
+@pytest.mark.slow  # `vlprompt run`, two methods, two seeds
 @pytest.mark.parametrize("protocol", list(PROTOCOLS))
 def test_each_protocol_runs_end_to_end(protocol, world, tmp_path):
     make, metrics = PROTOCOLS[protocol]
@@ -158,7 +232,10 @@ def test_missing_spec_file_and_invalid_yaml(tmp_path):
 
 
 def test_list_shows_builtins_and_coop_with_distributions(world):
-    proc = vlprompt("list", "--json", env_extra={"VLPROMPT_DATASETS_SPEC": str(world["specs"])})
+    """Through the installed ``vlprompt`` executable (the console script users type; the
+    other tests here run the CLI in this process)."""
+    proc = vlprompt_process("list", "--json", env_extra={"VLPROMPT_DATASETS_SPEC": str(world["specs"])},
+                            executable=True)
     assert proc.returncode == 0, proc.stderr
     rows = {(r["kind"], r["name"]): r for r in json.loads(proc.stdout)["registered"]}
     assert rows[("backbone", "open_clip")]["distribution"] == "vlprompt"

@@ -17,7 +17,7 @@ import torch
 import yaml
 from PIL import Image
 
-from test_cli import vlprompt
+from test_cli import vlprompt, vlprompt_process
 
 from vlprompt_core import hookimpl
 from vlprompt_core.api import ClassSet, Item, MethodEntry, MethodOutput, Options, PromptMethod, ProtocolContext
@@ -651,7 +651,8 @@ def test_a_run_with_an_unreadable_image_stops_with_its_path(world, tmp_path):
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(_run_spec(world, tmp_path / "out", {"name": "toy", "root": str(data)},
                                              {"name": "few_shot", "shots": 2}, {"name": "zeroshot"}, num_workers=1)))
-    proc = vlprompt("run", str(spec), env_extra={"VLPROMPT_DATASETS_SPEC": str(world["specs"])})
+    # in a process of its own: what its data-loading worker process prints is on its stderr too
+    proc = vlprompt_process("run", str(spec), env_extra={"VLPROMPT_DATASETS_SPEC": str(world["specs"])})
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "worker" not in proc.stderr
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error")]

@@ -1,6 +1,6 @@
-"""Every method plug-in is an installable distribution: its wheel, installed into a fresh
-virtual environment that has vlprompt, adds the method to ``vlprompt list``; uninstalling
-it removes it again. The core names none of them."""
+"""Every method plug-in is an installable distribution: its wheel, installed alone into a
+fresh virtual environment that has vlprompt, adds its methods to ``vlprompt list``;
+uninstalling it removes them again. The core names none of them."""
 
 from __future__ import annotations
 
@@ -67,15 +67,21 @@ def test_each_plugin_builds_a_wheel_with_its_entry_point(fresh):
 
 
 @pytest.mark.slow  # wheels built, an environment made
-def test_installing_adds_the_method_and_uninstalling_removes_it(fresh):
+def test_each_wheel_installs_alone_adds_its_methods_and_uninstalling_removes_them(fresh):
     before = listed(fresh)
     assert set(before) == {"zeroshot"}  # the built-in baseline only
-    pip(fresh, "install", "--no-deps", *map(str, fresh["wheels"]))
-    after = listed(fresh)
-    expected = {p.name.removeprefix("vlprompt-plugin-"): p.name for p in PLUGINS}
-    assert {k: v for k, v in after.items() if k != "zeroshot"} == expected
-    pip(fresh, "uninstall", "-y", "vlprompt-plugin-bpl")
-    assert set(listed(fresh)) == set(after) - {"bpl"}
+    added = {}
+    for plugin, wheel in zip(PLUGINS, fresh["wheels"], strict=True):
+        assert wheel.name.startswith(plugin.name.replace("-", "_") + "-"), (plugin, wheel)
+        pip(fresh, "install", "--no-deps", str(wheel))  # alone: beside the core only
+        new = {k: v for k, v in listed(fresh).items() if k not in before}
+        assert new and set(new.values()) == {plugin.name}, (plugin.name, new)  # its own names, all from it
+        added.update(new)
+        pip(fresh, "uninstall", "-y", plugin.name)
+        assert listed(fresh) == before, plugin.name
+    # the package's name is its method's (vlprompt-plugin-coop: coop); a package may add more
+    # (vlprompt-plugin-maple: maple, ivlp, language_deep, vpt_deep)
+    assert all(added.get(p.name.removeprefix("vlprompt-plugin-")) == p.name for p in PLUGINS)
 
 
 def test_the_core_names_no_method_plugin():

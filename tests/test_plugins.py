@@ -11,7 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from test_cli import vlprompt, write_spec
+from test_cli import vlprompt_process, write_spec
 
 THIRD_PARTY = '''
 """A throw-away method: zero-shot text features plus a learned per-class bias."""
@@ -88,14 +88,14 @@ def test_third_party_method_is_listed_and_runs(world, tmp_path):
     install_fake_distribution(site, "vlprompt-plugin-bias", "vlprompt_plugin_bias", THIRD_PARTY,
                               {"bias": "vlprompt_plugin_bias"})
     env = env_with(site, world)
-    listed = json.loads(vlprompt("list", "--json", env_extra=env).stdout)
+    listed = json.loads(vlprompt_process("list", "--json", env_extra=env).stdout)
     row = next(r for r in listed["registered"] if r["name"] == "bias")
     assert (row["kind"], row["distribution"], row["version"]) == ("method", "vlprompt-plugin-bias", "0.3.1")
 
     spec = write_spec(tmp_path / "spec.yaml", world, {"name": "few_shot", "shots": 2},
                       method=[{"name": "bias", "scale": 2.0}])
     events = tmp_path / "events.jsonl"
-    proc = vlprompt("run", str(spec), env_extra={**env, "BIAS_EVENTS": str(events)})
+    proc = vlprompt_process("run", str(spec), env_extra={**env, "BIAS_EVENTS": str(events)})
     assert proc.returncode == 0, proc.stderr
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert {r["method"] for r in results["runs"]} == {"bias"}
@@ -109,7 +109,7 @@ def test_third_party_method_is_listed_and_runs(world, tmp_path):
     assert results["versions"]["vlprompt-plugin-bias"] == "0.3.1"
     # its own options model validates its own keys
     bad = write_spec(tmp_path / "bad.yaml", world, {"name": "few_shot"}, method={"name": "bias", "scale": "x"})
-    proc = vlprompt("validate", str(bad), env_extra=env)
+    proc = vlprompt_process("validate", str(bad), env_extra=env)
     assert proc.returncode == 2 and "method.scale" in proc.stderr
 
 
@@ -118,7 +118,7 @@ def test_broken_plugin_is_reported_and_others_keep_working(world, tmp_path):
     site.mkdir()
     install_fake_distribution(site, "vlprompt-plugin-broken", "vlprompt_plugin_broken",
                               "raise ImportError('needs libfoo')\n", {"broken": "vlprompt_plugin_broken"})
-    proc = vlprompt("list", "--json", env_extra=env_with(site, world))
+    proc = vlprompt_process("list", "--json", env_extra=env_with(site, world))
     assert proc.returncode == 0, proc.stderr
     listed = json.loads(proc.stdout)
     assert ("method", "coop") in {(r["kind"], r["name"]) for r in listed["registered"]}
@@ -126,7 +126,7 @@ def test_broken_plugin_is_reported_and_others_keep_working(world, tmp_path):
     assert failure["distribution"] == "vlprompt-plugin-broken"
     assert failure["entry_point"].startswith("broken = ")
     assert "needs libfoo" in failure["error"]
-    human = vlprompt("list", env_extra=env_with(site, world))
+    human = vlprompt_process("list", env_extra=env_with(site, world))
     assert human.returncode == 0 and "vlprompt-plugin-broken" in human.stdout + human.stderr
 
 
@@ -136,7 +136,7 @@ def test_two_plugins_claiming_one_name_is_a_clear_error(world, tmp_path):
     clash = THIRD_PARTY.replace('MethodEntry("bias"', 'MethodEntry("coop"')
     install_fake_distribution(site, "vlprompt-plugin-clash", "vlprompt_plugin_clash", clash,
                               {"clash": "vlprompt_plugin_clash"})
-    proc = vlprompt("list", env_extra=env_with(site, world))
+    proc = vlprompt_process("list", env_extra=env_with(site, world))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "'coop' is registered twice" in proc.stderr
     assert "vlprompt-plugin-coop" in proc.stderr and "vlprompt-plugin-clash" in proc.stderr

@@ -8,7 +8,7 @@ import json
 import pytest
 import yaml
 
-from test_cli import vlprompt
+from test_cli import vlprompt, vlprompt_process
 from test_plugins import THIRD_PARTY, env_with, install_fake_distribution
 from vlprompt_core.engine import Engine
 from vlprompt_core.errors import UserError
@@ -49,7 +49,8 @@ def test_installing_a_plugin_then_rerunning_method_all_trains_only_it(world, tmp
     install_fake_distribution(site, "vlprompt-plugin-bias", "vlprompt_plugin_bias", THIRD_PARTY,
                               {"bias": "vlprompt_plugin_bias"})
     events = tmp_path / "events.jsonl"
-    second = vlprompt("run", str(spec), env_extra={**env_with(site, world), "BIAS_EVENTS": str(events)})
+    # a process of its own: one that sees the plug-in installed (on its PYTHONPATH)
+    second = vlprompt_process("run", str(spec), env_extra={**env_with(site, world), "BIAS_EVENTS": str(events)})
     assert second.returncode == 0, second.stderr
     after = json.loads((tmp_path / "out" / "results.json").read_text())
     for label in trained:

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from PIL import Image
 from safetensors.torch import load_file
-from test_cli import vlprompt
+from test_cli import finish, start_vlprompt_process, vlprompt
 
 from vlprompt_core.errors import UserError
 from vlprompt_core.sweep import SweepSpec, expand, set_path
@@ -42,14 +42,23 @@ def data_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def local_and_ray(tmp_path_factory, data_root):
-    """The same 4-run sweep (2 methods x 2 shot counts, 1 seed) run locally and on a
-    local 2-CPU Ray instance."""
+    """The same 4-run sweep (2 methods x 2 shot counts, 1 seed) run locally, in two
+    local worker processes (``--jobs 2``) and on a local 2-CPU Ray instance, each from a
+    sweep file of its own into an output folder of its own (``tmp / "local"``, ...)."""
     tmp = tmp_path_factory.mktemp("sweep")
-    local = vlprompt("sweep", str(write_sweep(tmp, tmp / "local")), env_extra=data_root)  # and its report
-    jobs = vlprompt("sweep", str(write_sweep(tmp, tmp / "jobs")), "--jobs", "2", "--no-report", env_extra=data_root)
+    for name in ("local", "jobs", "ray"):
+        (tmp / f"{name}-spec").mkdir()
+    # first: it generates the embedded dataset, then used by the others at once
+    local = vlprompt("sweep", str(write_sweep(tmp / "local-spec", tmp / "local")), env_extra=data_root)  # + report
+    # Ray in a `vlprompt` process of its own (as users start it), while the parallel sweep runs in this one
+    ray = start_vlprompt_process("sweep", str(write_sweep(tmp / "ray-spec", tmp / "ray")), "--executor", "ray",
+                                 "--ray-cpus", "2", "--no-report", env_extra=data_root)
+    try:
+        jobs = vlprompt("sweep", str(write_sweep(tmp / "jobs-spec", tmp / "jobs")), "--jobs", "2", "--no-report",
+                        env_extra=data_root)
+    finally:
+        ray = finish(ray)
     assert jobs.returncode == 0, jobs.stderr
-    ray = vlprompt("sweep", str(write_sweep(tmp, tmp / "ray")), "--executor", "ray", "--ray-cpus", "2",
-                   "--no-report", env_extra=data_root)
     return tmp, local, ray
 
 
@@ -114,7 +123,7 @@ def test_the_grid_values_reach_each_run(local_and_ray):
 def test_a_finished_sweep_run_again_skips_every_run(local_and_ray, data_root):
     tmp, _, _ = local_and_ray
     before = {f: (tmp / "local" / f / "results.json").stat().st_mtime_ns for f in FOLDERS}
-    again = vlprompt("sweep", str(tmp / "sweep.yaml"), "--no-report", env_extra=data_root)
+    again = vlprompt("sweep", str(tmp / "local-spec" / "sweep.yaml"), "--no-report", env_extra=data_root)
     assert again.returncode == 0, again.stderr
     assert again.stderr.count("skipped ") == 4 and "4 skipped" in again.stdout
     assert before == {f: (tmp / "local" / f / "results.json").stat().st_mtime_ns for f in FOLDERS}

@@ -287,20 +287,38 @@ CORRUPTIONS = {
 }
 
 
+def cached_run(world, reg, out: Path, cache: Path, views: int, log=lambda line: None) -> Engine:
+    """CoOp on the toy data with its features cached in ``cache``: test features only
+    (``views`` 0, no training), or train views too; the engine's messages to ``log``."""
+    data = spec(world, out, {"name": "coop", "n_ctx": 2}, epochs=1 if views else 0, augment_views=views,
+                feature_cache=str(cache))
+    return Engine(validate_spec(data, reg), reg, log=log)
+
+
+@pytest.fixture(scope="module")
+def first_run(world, tmp_path_factory):
+    """``first_run(views)``: the accuracies per seed of a :func:`cached_run` into an empty
+    cache, and that cache (made once per ``views`` for the module: tests corrupt copies)."""
+    made: dict[int, tuple[dict, Path]] = {}
+
+    def first(views: int) -> tuple[dict, Path]:
+        if views not in made:
+            tmp = tmp_path_factory.mktemp(f"first-run-{views}-views")
+            record = cached_run(world, registry(world), tmp / "out", tmp / "cache", views).run()
+            made[views] = {r["seed"]: r["accuracy"] for r in record["runs"]}, tmp / "cache"
+        return made[views]
+
+    return first
+
+
 @pytest.mark.parametrize("views", [0, 2], ids=["test features", "train views"])
 @pytest.mark.parametrize("corrupt", list(CORRUPTIONS))
-def test_a_cache_entry_that_fails_its_integrity_check_is_computed_again_and_replaced(world, tmp_path, corrupt, views):
+def test_a_cache_entry_that_fails_its_integrity_check_is_computed_again_and_replaced(world, tmp_path, first_run,
+                                                                                   corrupt, views):
     reg = registry(world)
+    expected, first_cache = first_run(views)
     cache = tmp_path / "cache"
-    method = {"name": "coop", "n_ctx": 2}
-
-    def engine(out, log=None):
-        data = spec(world, tmp_path / out, method, epochs=1 if views else 0, augment_views=views,
-                    feature_cache=str(cache))
-        return Engine(validate_spec(data, reg), reg, log=log or (lambda line: None))
-
-    first = engine("a")
-    expected = {r["seed"]: r["accuracy"] for r in first.run()["runs"]}
+    shutil.copytree(first_cache, cache)  # the cache as the first run left it
     kind = "train views" if views else "features: test"
     entries = {}
     for p in cache.glob("*.safetensors"):
@@ -309,12 +327,12 @@ def test_a_cache_entry_that_fails_its_integrity_check_is_computed_again_and_repl
     CORRUPTIONS[corrupt](path)
 
     lines: list[str] = []
-    second = engine("b", lines.append)
+    second = cached_run(world, reg, tmp_path / "b", cache, views, lines.append)
     assert {r["seed"]: r["accuracy"] for r in second.run()["runs"]} == expected
     assert (kind, "computed") in second.features.events
     said = [line for line in lines if line.startswith(f"{path}: ")]
     assert len(said) == 1 and "computing it again" in said[0] and "replac" in said[0], lines
 
-    third = engine("c")
+    third = cached_run(world, reg, tmp_path / "c", cache, views)
     third.run()
     assert (kind, "disk") in third.features.events  # replaced by a whole entry
