@@ -262,7 +262,7 @@ def test_a_method_whose_entry_says_it_does_not_train_but_has_parameters_fails_it
     record = run(world, untrained, tmp_path, {"name": "toy_visual"})["record"]
     assert record["status"] == "failed" and not record["runs"]
     (failure,) = record["failures"]
-    assert "has trainable parameters (prompts)" in failure["error"] and "trains=False" in failure["error"]
+    assert "has trainable parameters or fitted tensors (prompts)" in failure["error"] and "trains=False" in failure["error"]
 
 
 # ------------------------------------------------------------- gradient hook

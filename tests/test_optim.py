@@ -191,3 +191,67 @@ def test_adam_eps_keys_only_when_set_and_only_training():
     assert _key(optimizer="adam") != _key(optimizer="adamw") != _key()
     assert _key(optimizer="adam", adam_eps=1e-3) != _key(optimizer="adam")
     assert _key(False, optimizer="adam", adam_eps=1e-3) == _key(False)  # a method that does not train: never read
+
+
+# ------------------------------------------------------- per-step cosine, min_lr
+
+
+@pytest.mark.parametrize("min_lr", [0.0, 1e-6])
+def test_per_step_cosine_is_torchs_cosine_annealing_stepped_every_iteration(min_lr):
+    """``schedule_per: step`` (Tip-Adapter-F, CLIP-LoRA): step s of the run at the rate torch's
+    CosineAnnealingLR(T_max = epochs x steps, eta_min = min_lr) gives after s scheduler steps."""
+    epochs, steps = 3, 5
+    settings = TrainSpec(lr=1e-3, epochs=epochs, warmup_epochs=0, schedule_per="step", min_lr=min_lr)
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([param], lr=1e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps, eta_min=min_lr)
+    for epoch in range(epochs):
+        for step in range(steps):
+            assert math.isclose(lr_at(epoch, settings, step, steps), opt.param_groups[0]["lr"], rel_tol=1e-9,
+                                abs_tol=1e-15), (epoch, step)
+            opt.step()
+            sched.step()
+
+
+def test_per_epoch_schedule_with_a_floor_and_without_is_as_before():
+    kw = {"lr": 0.002, "epochs": 10, "warmup_epochs": 1}
+    plain, floored = TrainSpec(**kw), TrainSpec(min_lr=1e-4, **kw)
+    assert [lr_at(e, plain, 3, 7) for e in range(10)] == [lr_at(e, plain) for e in range(10)]  # the step: ignored
+    assert lr_at(5, plain) == 0.002 * (1 + math.cos(math.pi * 4 / 10)) / 2  # bit for bit the old formula
+    assert math.isclose(lr_at(5, floored), 1e-4 + (0.002 - 1e-4) * (1 + math.cos(math.pi * 4 / 10)) / 2)
+    assert lr_at(0, floored) == 1e-5  # warm-up untouched
+
+
+def test_schedule_per_and_min_lr_key_only_when_set():
+    assert _key(schedule_per="epoch", min_lr=0.0) == _key()
+    assert _key(schedule_per="step") != _key() and _key(min_lr=1e-6) != _key()
+    assert _key(False, schedule_per="step", min_lr=1e-6) == _key(False)  # a method that does not train
+
+
+def test_a_step_schedule_sets_the_rate_before_every_step(world, registry, tmp_path):
+    """Through the engine: with schedule_per: step each optimiser step runs at its own rate."""
+    from vlprompt_core.engine import Engine
+    from vlprompt_core.spec import check_spec
+
+    seen = []
+    orig = torch.optim.SGD.step
+
+    def spy(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return orig(self, *a, **k)
+
+    spec = validate_spec({
+        "backbone": {"name": "open_clip", "model": str(world["config"]), "pretrained": None},
+        "method": {"name": "coop", "n_ctx": 2}, "dataset": {"name": "toy", "root": str(world["data"])},
+        "protocol": {"name": "few_shot", "shots": 2},
+        "train": {"epochs": 2, "batch_size": 4, "seeds": [1], "device": "cpu", "precision": "fp32",
+                  "warmup_epochs": 0, "lr": 0.01, "schedule_per": "step", "min_lr": 0.001},
+        "output": str(tmp_path / "out"),
+    }, registry)
+    check_spec(spec, registry)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.optim.SGD, "step", spy)
+        Engine(spec, registry).run()
+    steps = len(seen) // 2  # 12 training images, batches of 4, two epochs
+    expected = [0.001 + 0.009 * (1 + math.cos(math.pi * s / (2 * steps))) / 2 for s in range(2 * steps)]
+    assert len(seen) == 6 and all(math.isclose(a, b) for a, b in zip(seen, expected))

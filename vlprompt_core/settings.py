@@ -65,6 +65,10 @@ class TrainSpec(BaseModel):
     adam_eps: float = Field(
         1e-8, gt=0, description="eps of adam and adamw, added to the root of the second moment (sgd ignores it)")
     schedule: Literal["cosine", "constant"] = "cosine"
+    schedule_per: Literal["epoch", "step"] = Field(
+        "epoch", description="cosine stepped once per epoch (Dassl), or before every optimiser step with T_max = "
+        "the steps after warm-up (torch's CosineAnnealingLR stepped per iteration)")
+    min_lr: float = Field(0.0, ge=0, description="the cosine's floor (eta_min)")
     warmup_epochs: int = Field(1, ge=0, le=10_000, description="epochs at warmup_lr before the schedule starts")
     warmup_lr: float = Field(1e-5, gt=0)
     precision: Literal["auto", "fp32", "bf16"] = Field(

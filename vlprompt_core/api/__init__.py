@@ -18,7 +18,8 @@ submodules only say where each part is written:
   :data:`BlockHook` (:class:`ContextHook`, :class:`BlockContext`, :func:`call_block_hook`)
   and :data:`TextPrefix`.
 * :mod:`~vlprompt_core.api.method`: :class:`PromptMethod`, :class:`Batch`,
-  :class:`MethodOutput`, :class:`ParamGroup` and :class:`EffectiveOptions`.
+  :class:`MethodOutput`, :class:`ParamGroup`, :class:`EffectiveOptions`, and
+  :class:`FrozenData` (:class:`FrozenFeatures`) for fitting without gradient steps.
 * :mod:`~vlprompt_core.api.recipe`: :class:`Recipe`, :class:`RecipeRule` and
   :class:`RecipeCondition`.
 * :mod:`~vlprompt_core.api.entries`: what the registration hooks return
@@ -53,6 +54,8 @@ from .method import (
     TEXT_FEATURES,
     Batch,
     EffectiveOptions,
+    FrozenData,
+    FrozenFeatures,
     MethodOutput,
     ParamGroup,
     PromptMethod,
@@ -82,6 +85,8 @@ __all__ = [
     "MethodOutput",
     "ParamGroup",
     "EffectiveOptions",
+    "FrozenData",
+    "FrozenFeatures",
     "INPUTS",
     "PromptMethod",
     # recipe

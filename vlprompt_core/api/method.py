@@ -1,5 +1,6 @@
 """The method contract: :class:`PromptMethod`, the :class:`Batch` it receives, the
-:class:`MethodOutput` it returns and the :class:`ParamGroup` s it trains."""
+:class:`MethodOutput` it returns, the :class:`ParamGroup` s it trains and the
+:class:`FrozenData` it may fit from without gradient steps."""
 
 from __future__ import annotations
 
@@ -75,6 +76,45 @@ class ParamGroup:
     weight_decay: float | None = None
 
 
+@dataclass
+class FrozenFeatures:
+    """Frozen image features of one split: ``features`` raw (not normalised) fp32,
+    ``[N, D]``, or ``[K, N, D]`` for K augmented views; ``labels`` ``[N]``."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+
+class FrozenData:
+    """What :meth:`PromptMethod.before_training` and :meth:`~PromptMethod.after_training`
+    may fit from: the frozen image features of the plan's training split and of its
+    validation split, on the run's device. A test split is out of reach by design:
+    whatever a method fits or searches (a cache, a classifier, hyper-parameters) never
+    sees what it is scored on.
+
+    The engine computes them once per run (and keeps them in the feature cache);
+    :func:`vlprompt_core.testing.synthetic_frozen_data` makes one for unit tests.
+    """
+
+    #: The training classes (the plan's: the base classes in base-to-novel).
+    classes: ClassSet
+
+    def train(self, views: int = 0) -> FrozenFeatures:
+        """The training images: ``views=0`` one view each under the test transform
+        (resize, centre crop), ``[N, D]``; ``views=K`` K augmented views each under the
+        run's training transform (``train.crop_scale``, flips), ``[K, N, D]``, drawn as
+        ``train.augment_views`` draws them."""
+        raise NotImplementedError
+
+    def val(self) -> FrozenFeatures:
+        """The validation images (few-shot: ``min(shots, 4)`` per class) under the test
+        transform, ``[N, D]``; ``N`` may be 0 (a plan without validation items)."""
+        raise NotImplementedError
+
+
 INPUTS = ("images", "image_features")
 #: :attr:`MethodOutput.extras` keys of a method that provides ``"features"``.
 TEXT_FEATURES, IMAGE_FEATURES = "text_features", "image_features"
@@ -100,7 +140,11 @@ class PromptMethod(nn.Module):
     the method is built, and its weights must stay bit-identical.
 
     Optional hooks, each with a default: :meth:`parameter_groups`, :meth:`loss`,
-    :meth:`backward`, :meth:`predict`, :meth:`on_epoch_end`; before anything is built,
+    :meth:`backward`, :meth:`predict`, :meth:`on_epoch_end`; around the gradient steps,
+    :meth:`before_training` and :meth:`after_training` (fit from frozen features, search
+    hyper-parameters on the validation split: what they fit is registered with
+    :meth:`register_fitted` and checkpointed beside the trainable parameters); before
+    anything is built,
     :meth:`effective_options` (the settings the method actually uses on a backbone,
     and conflicts told early). :meth:`cached` keeps image-independent results (e.g.
     static prompt features) for the length of an evaluation.
@@ -139,6 +183,7 @@ class PromptMethod(nn.Module):
         self.backbone = backbone
         self.options = options
         self._cache: dict[str, Any] = {}
+        self._fitted: list[str] = []
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "backbone":  # a plain attribute, never a submodule (see the class docstring)
@@ -224,7 +269,53 @@ class PromptMethod(nn.Module):
         """Called after each training epoch (0-based ``epoch`` of ``epochs``), after the
         optimiser's last step of the epoch. Default: nothing."""
 
+    def before_training(self, data: FrozenData) -> None:
+        """Fit what comes from the training data without the engine's gradient steps: a
+        cache of training features (Tip-Adapter), a closed-form or searched classifier
+        (a linear probe), an initialisation from class means, or a method's own
+        full-batch optimisation. Keep the result in fitted tensors (:meth:`register_fitted`)
+        or in trainable parameters (their starting point). Default: nothing.
+
+        The engine calls it when the method has trainable parameters or fitted tensors:
+        after ``set_classes(data.classes)``, before its gradient steps (if any: trainable
+        parameters and ``train.epochs > 0``), in eval mode, autograd enabled. A run that
+        resumes after a kill calls it again with the same data and seed: keep it
+        deterministic given torch's seed."""
+
+    def after_training(self, data: FrozenData) -> None:
+        """After the engine's gradient steps (right after :meth:`before_training` when
+        there are none), in eval mode: e.g. search hyper-parameters on ``data.val()``.
+        The checkpoint is written after it. Default: nothing."""
+
     # --------------------------------------------------------------- helpers
+    def register_fitted(self, name: str, tensor: torch.Tensor) -> None:
+        """Register state that :meth:`before_training` / :meth:`after_training` fit:
+        ``tensor`` is a placeholder of any shape (e.g. ``torch.empty(0)``); set the fitted
+        value by plain assignment, ``self.<name> = value`` (for a parameter,
+        ``self.<name>.data = value``, keeping the object the optimiser holds).
+
+        A tensor becomes a buffer; an ``nn.Parameter`` stays a parameter, one whose
+        shape only fitting knows, e.g. Tip-Adapter-F's cache keys, initialised from the
+        training features and then trained. Fitted tensors are saved in the checkpoint
+        beside the trainable parameters and restored whenever the prompts are scored or
+        loaded again, with the shape they were saved with."""
+        if isinstance(tensor, nn.Parameter):
+            self.register_parameter(name, tensor)
+        else:
+            self.register_buffer(name, tensor)
+        if name not in self._fitted:
+            self._fitted.append(name)
+
+    def fitted_tensors(self) -> dict[str, torch.Tensor]:
+        """Every fitted tensor (:meth:`register_fitted`) of this method and of the methods
+        it wraps, by its name in :meth:`state_dict`."""
+        out: dict[str, torch.Tensor] = {}
+        for prefix, module in self.named_modules():
+            if isinstance(module, PromptMethod):
+                for name in module._fitted:
+                    out[f"{prefix}.{name}" if prefix else name] = getattr(module, name)
+        return out
+
     def cached(self, key: str, compute: Callable[[], Any]) -> Any:
         """``compute()`` in training mode; in eval mode computed once and kept until
         the next :meth:`train` or :meth:`set_classes` (e.g. static text features,

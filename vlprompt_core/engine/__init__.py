@@ -19,13 +19,13 @@ from .context import ProgressReporter, RunContext, autocast, resolve_device, res
 from .evaluate import evaluate
 from .faults import PairFailed, PluginError, Terminated, exit_code, interruption, log_traceback, stop_signals
 from .fit import fit
-from .optim import lr_at, make_optimizer, optimizer_groups, trainable_parameters
+from .optim import learned_tensors, lr_at, make_optimizer, optimizer_groups, trainable_parameters
 from .run import Engine
 
 __all__ = [
     "Engine", "PairFailed", "PluginError", "ProgressReporter", "RunContext", "PairFiles",
     "fit", "evaluate", "forward", "make_batch", "ImageBatches", "ViewBatches",
-    "lr_at", "make_optimizer", "optimizer_groups", "trainable_parameters",
+    "learned_tensors", "lr_at", "make_optimizer", "optimizer_groups", "trainable_parameters",
     "save_checkpoint", "load_checkpoint", "assign_trained", "state_path", "log_traceback",
     "set_seed", "resolve_device", "resolve_precision", "autocast",
     "Terminated", "interruption", "exit_code", "stop_signals",

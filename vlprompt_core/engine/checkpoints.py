@@ -1,5 +1,5 @@
 """A pair's files: its trained prompts (``checkpoints/<label>-seed<N>-<key>.safetensors``,
-the trainable tensors with what they were trained as) and, beside them while it
+the trainable parameters and fitted tensors with what they were trained as) and, beside them while it
 trains, its training state (:mod:`~vlprompt_core.trainstate`)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from ..errors import UserError
 from ..recipes import ResolvedMethod
 from ..spec.checks import file_label
 from ..trainstate import Position, atomic_save, load_state, save_state
-from .optim import divergence, trainable_parameters
+from .optim import divergence, learned_tensors, trainable_parameters
 
 
 def state_path(checkpoint: Path) -> Path:
@@ -26,8 +26,9 @@ def state_path(checkpoint: Path) -> Path:
 
 
 def save_checkpoint(method: PromptMethod, path: Path, metadata: dict[str, str]) -> None:
-    """The trainable parameters (fp32, safetensors) with what they were trained as."""
-    tensors = {n: p.detach().cpu().contiguous() for n, p in trainable_parameters(method).items()}
+    """The trainable parameters (fp32) and fitted tensors, as safetensors, with what
+    they were trained as."""
+    tensors = {n: p.detach().cpu().contiguous() for n, p in learned_tensors(method).items()}
     atomic_save(tensors, path, metadata)
 
 
@@ -53,22 +54,33 @@ def load_checkpoint(method: PromptMethod, path: Path, expect: dict[str, str]) ->
 
 
 def assign_trained(method: PromptMethod, tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Copy trained ``tensors`` (read from ``path``) into ``method``'s trainable
-    parameters: exactly the tensors it trains, each of its shape, finite and not
-    exploded (:func:`~.optim.divergence`); anything else is a :class:`UserError` naming ``path``."""
-    params = trainable_parameters(method)
-    if set(tensors) != set(params):
-        raise UserError(f"{path}: holds {sorted(tensors)}, the method trains {sorted(params)}")
+    """Copy trained ``tensors`` (read from ``path``) into ``method``: exactly the tensors
+    it learns (:func:`~.optim.learned_tensors`), each trainable parameter of its shape
+    (a fitted tensor takes the saved one's shape), finite, and the trainable ones not exploded
+    (:func:`~.optim.divergence`); anything else is a :class:`UserError` naming ``path``."""
+    params, learned = trainable_parameters(method), learned_tensors(method)
+    fitted = method.fitted_tensors()
+    if set(tensors) != set(learned):
+        raise UserError(f"{path}: holds {sorted(tensors)}, the method learns {sorted(learned)}")
     for name, p in params.items():
-        if tensors[name].shape != p.shape:
+        if tensors[name].shape != p.shape and name not in fitted:
             raise UserError(f"{path}: {name} is {list(tensors[name].shape)}, the method has {list(p.shape)}")
     problem = divergence({name: tensors[name] for name in params})
+    problem = problem or next((f"{name} is not finite" for name in learned.keys() - params.keys()
+                               if tensors[name].is_floating_point() and not torch.isfinite(tensors[name]).all()), None)
     if problem:
         raise UserError(f"{path}: {problem}; these prompts diverged and cannot be scored (train them again "
                         "with a lower train.lr)")
     for name, p in params.items():
         with torch.no_grad():
-            p.copy_(tensors[name].to(p.device, p.dtype))
+            if p.shape == tensors[name].shape:
+                p.copy_(tensors[name].to(p.device, p.dtype))
+            else:  # a fitted parameter: the saved shape, the same Parameter object
+                p.data = tensors[name].to(p.device, p.dtype)
+    for name in learned.keys() - params.keys():  # fitted buffers: the saved shape and dtype
+        owner, _, attr = name.rpartition(".")
+        module = method.get_submodule(owner) if owner else method
+        setattr(module, attr, tensors[name].to(learned[name].device))
 
 
 @dataclass

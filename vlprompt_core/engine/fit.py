@@ -1,4 +1,5 @@
-"""The training loop of one (method, seed) pair: epochs of steps over the plan's
+"""Training one (method, seed) pair (:func:`train_pair`): the method's fitting hooks
+around the gradient steps, and the training loop (:func:`fit`): epochs of steps over the plan's
 training items, the learning-rate schedule, the divergence checks (a non-finite
 loss, trainable tensors non-finite or exploded, after every step), and the state saved
 after every epoch (and every ``train.checkpoint_every`` steps) so that a run
@@ -20,6 +21,7 @@ from .checkpoints import PairFiles
 from .context import RunContext, autocast
 from .extract import train_views
 from .faults import PairFailed
+from .frozen import PlanFeatures
 from .optim import divergence, lr_at, make_optimizer, optimizer_groups, set_lr, trainable_parameters
 
 
@@ -46,6 +48,27 @@ def diverged(what: str, epoch: int, lr: float, settings: TrainSpec) -> PairFaile
                       "try a lower train.lr (the other pairs go on)")
 
 
+def train_pair(label: str, seed: int, method: PromptMethod, plan, settings: TrainSpec, files: PairFiles,
+               ctx: RunContext) -> tuple[list[dict], int]:
+    """Everything a pair learns from its training data: :meth:`~PromptMethod.before_training`
+    (fit from frozen features), the gradient steps of :func:`fit` when the method has
+    trainable parameters and ``train.epochs > 0``, :meth:`~PromptMethod.after_training`
+    (e.g. a search on the validation split), then the final checkpoint (trainable
+    parameters and fitted tensors). Returns :func:`fit`'s epoch log and image count."""
+    data = PlanFeatures(method.backbone, plan, settings, ctx)
+    method.set_classes(plan.classes)
+    method.eval()
+    method.before_training(data)
+    log, trained = [], 0
+    if trainable_parameters(method) and settings.epochs > 0:
+        log, trained = fit(label, seed, method, plan, settings, files, ctx)
+    method.set_classes(plan.classes)
+    method.eval()
+    method.after_training(data)
+    files.save(method, max(settings.epochs - 1, 0))
+    return log, trained
+
+
 def fit(label: str, seed: int, method: PromptMethod, plan, settings: TrainSpec, files: PairFiles,
         ctx: RunContext) -> tuple[list[dict], int]:
     """Train ``method`` on the plan's training items: one log entry per epoch, and
@@ -66,6 +89,7 @@ def fit(label: str, seed: int, method: PromptMethod, plan, settings: TrainSpec, 
     task = ctx.progress.start(f"{label} seed {seed}: train", settings.epochs * len(batches))
     ctx.progress.advance(task, at.epoch * len(batches) + at.step)
     every = settings.checkpoint_every
+    per_step = settings.schedule_per == "step" and settings.schedule == "cosine"
     trained = 0
     for epoch in range(at.epoch, settings.epochs):
         started = time.perf_counter()
@@ -76,6 +100,8 @@ def fit(label: str, seed: int, method: PromptMethod, plan, settings: TrainSpec, 
         batches.skip = step
         for batch in batches:
             labels = batch.labels
+            if per_step:
+                set_lr(optimizer, lr_at(epoch, settings, step, len(batches)), warmup=epoch < settings.warmup_epochs)
             with autocast(ctx.device, settings.precision):
                 out = forward(method, batch)
                 loss = method.loss(out, batch)

@@ -15,6 +15,14 @@ def trainable_parameters(method: torch.nn.Module) -> dict[str, torch.nn.Paramete
     return {n: p for n, p in method.named_parameters() if p.requires_grad}
 
 
+def learned_tensors(method: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a pair learns from its training data, and its checkpoint holds: the
+    trainable parameters and the fitted tensors
+    (:meth:`~vlprompt_core.api.PromptMethod.register_fitted`)."""
+    fitted = method.fitted_tensors() if isinstance(method, PromptMethod) else {}
+    return {**trainable_parameters(method), **fitted}
+
+
 def optimizer_groups(method: PromptMethod) -> list[ParamGroup]:
     """The method's parameter groups, checked: every trainable parameter exactly once."""
     groups = method.parameter_groups()
@@ -53,16 +61,22 @@ def make_optimizer(groups: list[ParamGroup], settings: TrainSpec) -> torch.optim
     return torch.optim.AdamW(params, lr=settings.lr, eps=settings.adam_eps, weight_decay=settings.weight_decay)
 
 
-def lr_at(epoch: int, settings: TrainSpec) -> float:
-    """The reference schedule: ``warmup_epochs`` at ``warmup_lr``, then cosine from
-    ``lr`` with ``T_max = epochs``, stepped once per epoch (so the first epoch after
-    warm-up runs at the full ``lr`` and the last one not at zero)."""
+def lr_at(epoch: int, settings: TrainSpec, step: int = 0, steps: int = 1) -> float:
+    """The learning rate of step ``step`` (of ``steps`` per epoch) in ``epoch``: ``warmup_epochs``
+    at ``warmup_lr``, then cosine from ``lr`` down towards ``min_lr``. Stepped once per epoch
+    (``schedule_per: epoch``, the reference: ``T_max = epochs``, so the first epoch after
+    warm-up runs at the full ``lr`` and the last one not at the floor), or before every
+    step (``schedule_per: step``: ``T_max`` = the steps after warm-up, as torch's
+    ``CosineAnnealingLR`` stepped per iteration)."""
     if epoch < settings.warmup_epochs:
         return settings.warmup_lr
     if settings.schedule == "constant":
         return settings.lr
-    t = epoch - settings.warmup_epochs
-    return settings.lr * (1 + math.cos(math.pi * t / settings.epochs)) / 2
+    t, t_max = epoch - settings.warmup_epochs, settings.epochs
+    if settings.schedule_per == "step":
+        t, t_max = t * steps + step, (settings.epochs - settings.warmup_epochs) * steps
+    low = settings.min_lr
+    return low + (settings.lr - low) * (1 + math.cos(math.pi * t / t_max)) / 2
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float, warmup: bool = False) -> None:

@@ -39,8 +39,8 @@ from .checkpoints import PairFiles
 from .context import ProgressReporter, RunContext, resolve_device, set_seed
 from .evaluate import evaluate
 from .faults import PairFailed, PluginError, interruption
-from .fit import fit
-from .optim import trainable_parameters
+from .fit import train_pair
+from .optim import learned_tensors, trainable_parameters
 
 
 @dataclass
@@ -287,23 +287,23 @@ class Engine:
         tb = time.perf_counter()
         method: PromptMethod = entry.make(backbone, plan.classes, m.used).to(self.device)
         times = {"build": time.perf_counter() - tb}
-        params = trainable_parameters(method)
-        if params and not entry.trains:
-            raise ContractError(f"{type(method).__name__} has trainable parameters ({', '.join(params)}) but its "
-                                f"entry says it does not train (MethodEntry.trains=False)")
+        params, learned = trainable_parameters(method), learned_tensors(method)
+        if learned and not entry.trains:
+            raise ContractError(f"{type(method).__name__} has trainable parameters or fitted tensors "
+                                f"({', '.join(learned)}) but its entry says it does not train (MethodEntry.trains=False)")
         epochs_log: list[dict] = []
         trained = 0  # images through a training step in this process
         checkpoint = None
         with text_chunking(0 if textbook.active() else settings.text_chunk):
             tt = time.perf_counter()
-            if scoring_only and params:
+            if scoring_only and learned:
                 if source is None:
                     raise UserError(f"{label}: no trained checkpoint for it in the results folder given")
                 files.load_into(method, source[0])
                 self.log(f"{label}: scoring the prompts of {source[0]}")
-            elif params and settings.epochs > 0:
+            elif method.fitted_tensors() or (params and settings.epochs > 0):
                 checkpoint = files.checkpoint
-                epochs_log, trained = fit(m.label, seed, method, plan, settings, files, self.ctx)
+                epochs_log, trained = train_pair(m.label, seed, method, plan, settings, files, self.ctx)
             times["train"] = time.perf_counter() - tt
             te = time.perf_counter()
             accuracy = {e.name: evaluate(label, method, e, settings, self.ctx) for e in plan.evals}
@@ -322,7 +322,7 @@ class Engine:
                 "trainable_parameters": sum(p.numel() for p in params.values()),
             },
         }
-        if scoring_only and params:
+        if scoring_only and learned:
             result["checkpoint_from"] = str(source[0])
         return result
 

@@ -27,7 +27,7 @@ from ..errors import UserError
 from ..features import weights_hash
 from ..results import atomic_file, package_versions
 from ..trainstate import atomic_save
-from ..engine import trainable_parameters
+from ..engine import learned_tensors
 
 #: What the ``format`` metadata of an export says; another value is refused.
 FORMAT = "vlprompt-classifier/1"
@@ -120,7 +120,7 @@ def write_export(clf, out: Path) -> tuple[Path, Path]:
                 train=clf.settings.model_dump(mode="json"),
                 about={**keep, "backbone_description": about.get("backbone_description"),
                        "exported_with": {"vlprompt": __version__, **package_versions()}})
-    tensors = {f"trained.{name}": p.detach().cpu().contiguous() for name, p in trainable_parameters(clf.method).items()}
+    tensors = {f"trained.{name}": p.detach().cpu().contiguous() for name, p in learned_tensors(clf.method).items()}
     if text is not None:
         tensors["text_features"] = text.cpu().contiguous()
     meta = {"format": FORMAT, "vlprompt": head.model_dump_json()}

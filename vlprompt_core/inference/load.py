@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from ..api import ClassSet, ProtocolContext
 from ..data import check_dataset
-from ..engine import PairFiles, assign_trained, resolve_device, set_seed, trainable_parameters
+from ..engine import PairFiles, assign_trained, learned_tensors, resolve_device, set_seed
 from ..engine.record import checkpoint_sources, recorded_runs
 from ..errors import UserError
 from ..features import weights_hash
@@ -86,7 +86,7 @@ def from_results(path: Path, label: str | None, seed: int | None, device: torch.
     classes = _trained_classes(results, reg, spec, seed)
     set_seed(seed)
     method = entry.make(backbone, classes, m.used if m.used is not None else m.options).to(device)
-    if trainable_parameters(method):
+    if learned_tensors(method):
         checkpoint = _checkpoint(folder, results, run)
         if checkpoint is not None:
             PairFiles.of(folder, m, seed).load_into(method, checkpoint)

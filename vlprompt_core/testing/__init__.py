@@ -6,9 +6,12 @@
   :func:`write_split_dataset` — a tiny random open_clip model and generated
   datasets in the benchmarks' layout, for tests that need no downloads;
   :func:`random_images` and :func:`frozen_features` — seeded inputs for it.
+* :func:`synthetic_frozen_data` — a :class:`~vlprompt_core.api.FrozenData` of random
+  images, to test a method's ``before_training`` / ``after_training`` without a run.
 """
 
 from .contract import Case, MethodContract
+from .frozen import SyntheticFrozenData, synthetic_frozen_data
 from .worlds import (
     TINY_CONFIG,
     frozen_features,
@@ -20,4 +23,4 @@ from .worlds import (
 )
 
 __all__ = ["Case", "MethodContract", "TINY_CONFIG", "frozen_features", "make_world", "random_images",
-           "tiny_backbone", "write_split_dataset", "write_tiny_config"]
+           "tiny_backbone", "write_split_dataset", "write_tiny_config", "SyntheticFrozenData", "synthetic_frozen_data"]

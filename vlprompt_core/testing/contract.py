@@ -26,7 +26,12 @@ its ``effective_options`` says it uses there), and checks that:
 * ``set_classes`` to another class count gives scores for the new classes, and
   permuting the class names permutes the scores (or, for a case marked
   ``fixed_classes``, fails with a one-line user error);
-* a checkpoint round trip (the engine's own save and load) gives identical scores;
+* a checkpoint round trip (the engine's own save and load) gives identical scores,
+  fitted tensors included (loaded into a method that was never fitted);
+* for a method with ``before_training`` / ``after_training``: fitting (on
+  :func:`~vlprompt_core.testing.synthetic_frozen_data`) is deterministic and leaves the
+  backbone bit-identical; every other test sees the method fitted, as the engine
+  scores it;
 * training through the engine leaves the backbone bit-identical and in eval mode,
   and a seeded run is deterministic (identical checkpoints and accuracies);
 * the method runs under each of the four standard protocols (the transfer
@@ -52,6 +57,7 @@ import torch
 
 from ..api import BackboneInfo, Batch, ClassSet, PromptMethod
 from ..errors import UserError
+from .frozen import synthetic_frozen_data
 from .worlds import COLOURS, make_world
 
 
@@ -80,6 +86,12 @@ def _scores(method: PromptMethod, batch: Batch, seed: int = 0) -> torch.Tensor:
     torch.manual_seed(seed)
     with torch.no_grad():
         return method.predict(method(batch)).float()
+
+
+def _fits(method: PromptMethod) -> bool:
+    """Whether ``method`` overrides a fitting hook (``before_training``, ``after_training``)."""
+    return any(getattr(type(method), hook) is not getattr(PromptMethod, hook)
+               for hook in ("before_training", "after_training"))
 
 
 class MethodContract:
@@ -139,12 +151,20 @@ class MethodContract:
     def entry(cls, contract_registry):
         return contract_registry.get("method", cls.method)
 
-    def build(self, entry, backbone, case: Case, names=NAMES, seed: int = 0) -> PromptMethod:
+    def build(self, entry, backbone, case: Case, names=NAMES, seed: int = 0, fitted: bool = True) -> PromptMethod:
         """The method as the engine builds it: with the options it says it uses on this
-        backbone (:meth:`~vlprompt_core.api.PromptMethod.effective_options`)."""
+        backbone (:meth:`~vlprompt_core.api.PromptMethod.effective_options`), and (unless
+        ``fitted=False``) fitted by its ``before_training`` / ``after_training`` hooks on
+        :func:`~vlprompt_core.testing.synthetic_frozen_data` of ``names``."""
         options = entry.effective(entry.options.model_validate(case.options), BackboneInfo.of(backbone)).options
         torch.manual_seed(seed)
-        return entry.make(backbone, ClassSet(list(names)), options)
+        method = entry.make(backbone, ClassSet(list(names)), options)
+        if fitted and _fits(method):
+            data = synthetic_frozen_data(backbone, ClassSet(list(names)))
+            method.eval()
+            method.before_training(data)
+            method.after_training(data)
+        return method
 
     def batch(self, method: PromptMethod, n: int = 3, seed: int = 0, labels=True) -> Batch:
         bb = method.backbone
@@ -268,8 +288,8 @@ class MethodContract:
 
         trained = self.build(entry, backbone, case, seed=0)
         params = {n: p for n, p in trained.named_parameters() if p.requires_grad}
-        if not params:
-            pytest.skip("the method has no trainable parameters")
+        if not params and not trained.fitted_tensors():
+            pytest.skip("the method has no trainable parameters and no fitted tensors")
         with torch.no_grad():
             gen = torch.Generator().manual_seed(1)
             for p in params.values():  # away from any initial value
@@ -277,12 +297,26 @@ class MethodContract:
         meta = {"method": self.method, "options": json.dumps(case.options, sort_keys=True)}
         path = tmp_path / "ckpt.safetensors"
         save_checkpoint(trained, path, meta)
-        fresh = self.build(entry, backbone, case, seed=1)
+        fresh = self.build(entry, backbone, case, seed=1, fitted=False)
         load_checkpoint(fresh, path, meta)
         trained.eval()
         fresh.eval()
         batch = self.batch(trained, labels=False)
         assert torch.equal(_scores(trained, batch), _scores(fresh, batch))
+
+    def test_fitting_is_deterministic_and_leaves_the_backbone_alone(self, entry, backbone, case):
+        if not _fits(self.build(entry, backbone, case, fitted=False)):
+            pytest.skip("the method has no before_training / after_training")
+        frozen = {k: v.clone() for k, v in backbone.state_dict().items()}
+        first, second = (self.build(entry, backbone, case) for _ in range(2))
+        for k, v in frozen.items():
+            assert torch.equal(backbone.state_dict()[k], v), f"fitting changed backbone weight {k}"
+        a, b = first.state_dict(), second.state_dict()
+        differ = sorted(k for k in a if a[k].shape != b[k].shape or not torch.equal(a[k], b[k]))
+        assert not differ, f"fitting twice with the same seed and data gave different {differ}"
+        buffers = dict(first.named_buffers())
+        assert not [n for n in first.fitted_tensors() if n in buffers and buffers[n].requires_grad], \
+            "a fitted buffer needs grad (train a fitted nn.Parameter instead)"
 
     # ------------------------------------------------------ through the engine
     @classmethod
