@@ -43,9 +43,13 @@ class Prototypes(PromptMethod):
             self.scale = nn.Parameter(torch.ones(()))
         self.n_classes = len(classes)
 
+    @classmethod
+    def fixed_classes(cls, options):
+        return "prototypes score only the classes they were fitted on"
+
     def set_classes(self, classes):
         if self.means.numel() and len(classes) != self.means.shape[0]:
-            raise UserError("prototypes score only the classes they were fitted on")
+            raise UserError(self.fixed_classes(self.options))
         self.n_classes = len(classes)
 
     def before_training(self, data: FrozenData) -> None:
@@ -196,3 +200,50 @@ def test_synthetic_frozen_data_shapes(world):
     assert data.train(views=4).features.shape == (4, 6, bb.embed_dim)
     assert data.val().labels.tolist() == [0, 1, 2]
     assert torch.equal(data.train().features, data.train().features)  # deterministic
+
+
+# ------------------------------------------- methods that score only their own classes
+
+
+def spec_data(world, method, protocol, **extra):
+    return {"backbone": {"name": "open_clip", "model": str(world["config"]), "pretrained": None},
+            "method": method, "dataset": {"name": "toy", "root": str(world["data"])}, "protocol": protocol,
+            "train": {"epochs": 0, "batch_size": 4, "seeds": [1], "device": "cpu", "precision": "fp32"}, **extra}
+
+
+def test_method_all_leaves_out_a_fixed_class_method_where_unseen_classes_are_scored(world, registry):
+    from vlprompt_core.spec import validate_spec
+
+    notes: list[str] = []
+    spec = validate_spec(spec_data(world, "all", {"name": "base2novel", "shots": 2}), registry, notes=notes)
+    assert "prototypes" not in [m.name for m in spec.method] and "zeroshot" in [m.name for m in spec.method]
+    assert notes == ["method: all leaves out prototypes under base2novel: prototypes score only the classes they "
+                     "were fitted on"]
+    notes.clear()
+    spec = validate_spec(spec_data(world, "all", {"name": "few_shot", "shots": 2}), registry, notes=notes)
+    assert "prototypes" in [m.name for m in spec.method] and notes == []
+
+
+def test_validate_refuses_a_fixed_class_method_under_base2novel_in_one_line(world, registry):
+    from vlprompt_core.spec import check_spec, validate_spec
+
+    spec = validate_spec(spec_data(world, {"name": "prototypes"}, {"name": "base2novel", "shots": 2}), registry)
+    with pytest.raises(UserError) as exc:
+        check_spec(spec, registry)
+    assert exc.value.problems == ["spec: method 'prototypes' (prototypes) cannot run base2novel, which scores classes "
+                                  "it never saw: prototypes score only the classes they were fitted on"]
+
+
+def test_a_target_with_other_classes_fails_that_pair_alone(world, registry, tmp_path):
+    from vlprompt_core.engine import Engine
+    from vlprompt_core.spec import check_spec, validate_spec
+
+    protocol = {"name": "cross_dataset", "shots": 2, "targets": [{"name": "toy5", "root": str(world["data"])}]}
+    spec = validate_spec(spec_data(world, [{"name": "zeroshot"}, {"name": "prototypes"}], protocol,
+                                   output=str(tmp_path / "out")), registry)
+    check_spec(spec, registry)
+    record = Engine(spec, registry).run()
+    assert [r["method"] for r in record["runs"]] == ["zeroshot"]
+    (failure,) = record["failures"]
+    assert failure["method"] == "prototypes" and "cannot score toy5" in failure["error"]
+    assert "score only the classes they were fitted on" in failure["error"]

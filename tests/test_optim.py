@@ -228,8 +228,11 @@ def test_schedule_per_and_min_lr_key_only_when_set():
     assert _key(False, schedule_per="step", min_lr=1e-6) == _key(False)  # a method that does not train
 
 
-def test_a_step_schedule_sets_the_rate_before_every_step(world, registry, tmp_path):
-    """Through the engine: with schedule_per: step each optimiser step runs at its own rate."""
+@pytest.mark.parametrize("budget", [None, 4])
+def test_a_step_schedule_sets_the_rate_before_every_step(world, registry, tmp_path, budget):
+    """Through the engine: with schedule_per: step each optimiser step runs at its own rate;
+    with a budget of ``train.steps`` the run makes exactly that many steps (the last epoch cut
+    short) and the cosine spans them."""
     from vlprompt_core.engine import Engine
     from vlprompt_core.spec import check_spec
 
@@ -245,13 +248,43 @@ def test_a_step_schedule_sets_the_rate_before_every_step(world, registry, tmp_pa
         "method": {"name": "coop", "n_ctx": 2}, "dataset": {"name": "toy", "root": str(world["data"])},
         "protocol": {"name": "few_shot", "shots": 2},
         "train": {"epochs": 2, "batch_size": 4, "seeds": [1], "device": "cpu", "precision": "fp32",
-                  "warmup_epochs": 0, "lr": 0.01, "schedule_per": "step", "min_lr": 0.001},
+                  "warmup_epochs": 0, "lr": 0.01, "schedule_per": "step", "min_lr": 0.001,
+                  **({"steps": budget} if budget else {})},
         "output": str(tmp_path / "out"),
     }, registry)
     check_spec(spec, registry)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.optim.SGD, "step", spy)
         Engine(spec, registry).run()
-    steps = len(seen) // 2  # 12 training images, batches of 4, two epochs
-    expected = [0.001 + 0.009 * (1 + math.cos(math.pi * s / (2 * steps))) / 2 for s in range(2 * steps)]
-    assert len(seen) == 6 and all(math.isclose(a, b) for a, b in zip(seen, expected))
+    total = budget or 6  # 12 training images, batches of 4: 3 steps an epoch, two epochs
+    expected = [0.001 + 0.009 * (1 + math.cos(math.pi * s / total)) / 2 for s in range(total)]
+    assert len(seen) == total and all(math.isclose(a, b) for a, b in zip(seen, expected))
+
+
+def test_epochs_in_the_spec_beat_a_recipes_budget_of_steps(world, monkeypatch):
+    """A recipe that trains for a number of steps (CLIP-LoRA) gives way to epochs the user wrote
+    (the quickstart's 8 epochs for everyone); steps written in the spec stay."""
+    from vlprompt_core import hookimpl
+    from vlprompt_core.api import MethodEntry, Options, PromptMethod, Recipe
+    from vlprompt_core.plugins import build_registry, make_plugin_manager
+    from vlprompt_core.spec import resolve_methods
+
+    class Plugin:
+        @hookimpl
+        def vlprompt_methods(self):
+            return [MethodEntry("budget", Options, PromptMethod, recipe=Recipe(train={"steps": 800, "lr": 2e-4}))]
+
+    monkeypatch.setenv("VLPROMPT_DATASETS_SPEC", str(world["specs"]))
+    reg = build_registry(*make_plugin_manager(extra=(("budget", Plugin()),)))
+
+    def resolved(**train):
+        spec = validate_spec({
+            "backbone": {"name": "open_clip", "model": str(world["config"]), "pretrained": None},
+            "method": {"name": "budget"}, "dataset": {"name": "toy", "root": str(world["data"])},
+            "protocol": {"name": "few_shot", "shots": 2}, "train": {"device": "cpu", **train}}, reg)
+        (m,) = resolve_methods(spec, reg)
+        return m.train
+
+    assert resolved().steps == 800
+    assert resolved(epochs=8).steps is None and resolved(epochs=8).lr == 2e-4
+    assert resolved(epochs=8, steps=50).steps == 50

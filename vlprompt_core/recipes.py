@@ -168,14 +168,14 @@ _NOT_IN_KEY = {"seeds", "device", "num_workers", "eval_batch_size", "unreadable_
                "text_chunk", "feature_cache", "checkpoint_every"}
 #: Train fields in the key only when they differ from their default (newer fields:
 #: results keyed before they existed stay valid).
-_IN_KEY_WHEN_SET = {"augment_views": 0, "adam_eps": 1e-8, "schedule_per": "epoch", "min_lr": 0.0}
+_IN_KEY_WHEN_SET = {"augment_views": 0, "adam_eps": 1e-8, "schedule_per": "epoch", "min_lr": 0.0, "steps": None}
 #: Train fields only training reads: not in the key of a method whose entry says it
 #: does not train (``MethodEntry.trains``). What scoring reads stays in: ``precision``
 #: (the autocast dtype of the image and text towers, so the scores); the test-time
 #: image transform is the backbone's, keyed with it (``crop_scale`` is the training
 #: crop). A new train field is in every key until it is named here.
 _TRAINING_ONLY = {"epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule",
-                  "warmup_epochs", "warmup_lr", "crop_scale", "augment_views", "adam_eps", "schedule_per", "min_lr"}
+                  "warmup_epochs", "warmup_lr", "crop_scale", "augment_views", "adam_eps", "schedule_per", "min_lr", "steps"}
 
 
 def resolve_method(spec, section, label: str, entry, backbone: BackboneInfo | None = None) -> ResolvedMethod:
@@ -196,7 +196,10 @@ def resolve_method(spec, section, label: str, entry, backbone: BackboneInfo | No
     user_train = spec.train.model_dump(include=spec.train.model_fields_set)
     own = section.train.model_dump(include=section.train.model_fields_set) if section.train is not None else {}
     own = {k: v for k, v in own.items() if v is not None}
-    merged = {**recipe_train, **user_train, **own}
+    user = {**user_train, **own}
+    if "epochs" in user and "steps" not in user:  # epochs written in the spec beat a recipe's budget of steps
+        recipe_train = {k: v for k, v in recipe_train.items() if k != "steps"}
+    merged = {**recipe_train, **user}
     try:
         train = TrainSpec.model_validate(merged)
     except ValidationError as exc:

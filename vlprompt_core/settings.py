@@ -69,6 +69,10 @@ class TrainSpec(BaseModel):
         "epoch", description="cosine stepped once per epoch (Dassl), or before every optimiser step with T_max = "
         "the steps after warm-up (torch's CosineAnnealingLR stepped per iteration)")
     min_lr: float = Field(0.0, ge=0, description="the cosine's floor (eta_min)")
+    steps: Optional[int] = Field(
+        None, ge=1, le=10_000_000, description="a budget of optimiser steps instead of epochs: as many epochs as "
+        "it takes, the last one cut short (e.g. CLIP-LoRA's 500 x shots iterations); the cosine then spans these "
+        "steps. A recipe's steps give way to epochs written in the spec")
     warmup_epochs: int = Field(1, ge=0, le=10_000, description="epochs at warmup_lr before the schedule starts")
     warmup_lr: float = Field(1e-5, gt=0)
     precision: Literal["auto", "fp32", "bf16"] = Field(

@@ -267,7 +267,11 @@ class ProtocolEntry:
     """A protocol: plans what trains and what is scored, and summarises scores.
 
     ``summarize`` maps ``{eval set name: accuracy}`` to the headline metrics
-    (e.g. Base, Novel, H), in display order.
+    (e.g. Base, Novel, H), in display order. ``unseen_classes``: its evaluation sets
+    always hold classes the training classes lack (base-to-novel), so a method that
+    scores only the classes it was fitted on
+    (:meth:`~vlprompt_core.api.PromptMethod.fixed_classes`) is refused by ``vlprompt
+    validate`` and left out of ``method: all``.
     """
 
     name: str
@@ -275,6 +279,7 @@ class ProtocolEntry:
     plan: Callable[[Any, ProtocolContext], Plan]
     summarize: Callable[[Any, dict[str, float]], dict[str, float]]
     description: str = ""
+    unseen_classes: bool = False
 
 
 @dataclass(frozen=True)

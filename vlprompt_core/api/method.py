@@ -169,6 +169,15 @@ class PromptMethod(nn.Module):
     #: e.g. CoCoOp). Only :mod:`~vlprompt_core.textbook` mode reads it: it calls such
     #: a method one image at a time, as the reference code loops over a batch.
     per_image_text: ClassVar[bool] = False
+    #: Whether a distributed run may shard this method's text pass over classes (each
+    #: process encodes a slice of the classes, the features gathered with their
+    #: gradient; :mod:`~vlprompt_core.prompting.sharding`): set it when the text features
+    #: of a training step are the same for every image of the batch (one context for all
+    #: images, as CoOp's) and come from
+    #: :meth:`~vlprompt_core.prompting.PromptTable.encode` (which shards by itself) or
+    #: :func:`~vlprompt_core.prompting.shard_classes`. Default: every process encodes
+    #: every class (plain data parallel), which is always correct.
+    shards_classes: ClassVar[bool] = False
     #: What a method wrapping this one may rely on (see
     #: :class:`~vlprompt_core.api.MethodRef`): ``"features"``, its forward puts the text
     #: and image features its logits are the scaled cosine of into
@@ -236,6 +245,17 @@ class PromptMethod(nn.Module):
         Default: the options as given. Return ``options.model_copy(update={...})``,
         not a new model."""
         return EffectiveOptions(options)
+
+    @classmethod
+    def fixed_classes(cls, options: Options) -> str | None:
+        """Why this method, with ``options``, scores only the classes it was trained or
+        fitted on (and subsets of them), in one line; None (the default) when it scores
+        any class names. Told before anything is built: ``vlprompt validate`` refuses it
+        under a protocol that scores unseen classes (base-to-novel), ``method: all``
+        leaves it out there, and its :meth:`set_classes` raises the same line as a
+        :class:`~vlprompt_core.errors.UserError` for names it cannot score (e.g. a
+        transfer target's), which fails that pair alone."""
+        return None
 
     def parameter_groups(self) -> list[ParamGroup]:
         """How the trainable parameters are optimised. Default: one group, the run's

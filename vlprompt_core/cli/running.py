@@ -4,6 +4,7 @@ trained and scored, scored only, or checked."""
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import typer
@@ -18,7 +19,10 @@ def _prepare(spec: Path, output: Path | None):
     from ..spec import check_spec, load_spec
 
     reg = _registry()
-    run_spec = load_spec(spec, reg)
+    notes: list[str] = []
+    run_spec = load_spec(spec, reg, notes)
+    for line in notes if os.environ.get("RANK", "0") == "0" else ():  # what `method: all` leaves out here
+        err.print(Text(line), soft_wrap=True)
     if output is not None:
         from pydantic_core import PydanticCustomError
 

@@ -73,7 +73,11 @@ def evaluate(label: str, method: PromptMethod, eval_set: EvalSet, settings: Trai
     if not eval_set.items:
         raise UserError(f"{eval_set.name}: the evaluation split is empty")
     method.eval()
-    method.set_classes(eval_set.classes)
+    try:
+        method.set_classes(eval_set.classes)
+    except UserError as exc:  # a method that scores only its own classes (fixed_classes): this pair alone
+        raise PairFailed(f"{label}: cannot score {eval_set.name}: {'; '.join(exc.problems)} "
+                         "(the other pairs go on)") from None
     correct = scored = 0
     for batch in eval_batches(label, method, eval_set, settings, ctx):
         with autocast(ctx.device, settings.precision):

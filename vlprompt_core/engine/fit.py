@@ -7,6 +7,7 @@ stopped at any moment continues exactly where it was."""
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -76,6 +77,8 @@ def fit(label: str, seed: int, method: PromptMethod, plan, settings: TrainSpec, 
     optimizer = make_optimizer(optimizer_groups(method), settings)
     params = trainable_parameters(method)
     batches = train_batches(label, method, plan, settings, seed, ctx)
+    if settings.steps:  # a budget of steps: the epochs it takes, the last one cut short
+        settings = settings.model_copy(update={"epochs": math.ceil(settings.steps / len(batches))})
     method.set_classes(plan.classes)
     method.train()
     log: list[dict] = []
@@ -99,6 +102,8 @@ def fit(label: str, seed: int, method: PromptMethod, plan, settings: TrainSpec, 
         step, (total, count, correct, terms) = (at.step, at.sums) if epoch == at.epoch else (0, [0.0, 0, 0, {}])
         batches.skip = step
         for batch in batches:
+            if settings.steps and epoch * len(batches) + step >= settings.steps:
+                break
             labels = batch.labels
             if per_step:
                 set_lr(optimizer, lr_at(epoch, settings, step, len(batches)), warmup=epoch < settings.warmup_epochs)

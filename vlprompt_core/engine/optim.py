@@ -66,15 +66,15 @@ def lr_at(epoch: int, settings: TrainSpec, step: int = 0, steps: int = 1) -> flo
     at ``warmup_lr``, then cosine from ``lr`` down towards ``min_lr``. Stepped once per epoch
     (``schedule_per: epoch``, the reference: ``T_max = epochs``, so the first epoch after
     warm-up runs at the full ``lr`` and the last one not at the floor), or before every
-    step (``schedule_per: step``: ``T_max`` = the steps after warm-up, as torch's
-    ``CosineAnnealingLR`` stepped per iteration)."""
+    step (``schedule_per: step``: ``T_max`` = the steps after warm-up, ``train.steps`` when
+    set, as torch's ``CosineAnnealingLR`` stepped per iteration)."""
     if epoch < settings.warmup_epochs:
         return settings.warmup_lr
     if settings.schedule == "constant":
         return settings.lr
     t, t_max = epoch - settings.warmup_epochs, settings.epochs
     if settings.schedule_per == "step":
-        t, t_max = t * steps + step, (settings.epochs - settings.warmup_epochs) * steps
+        t, t_max = t * steps + step, (settings.steps or settings.epochs * steps) - settings.warmup_epochs * steps
     low = settings.min_lr
     return low + (settings.lr - low) * (1 + math.cos(math.pi * t / t_max)) / 2
 

@@ -19,6 +19,7 @@ from ..errors import UserError
 from ..plugins import Registry
 from ..recipes import backbone_info, resolve_method
 from .load import _os_problem
+from .model import fixed_classes
 
 
 def spec_hash(spec) -> str:
@@ -62,6 +63,10 @@ def check_spec(spec, reg: Registry, source: str = "spec") -> None:
     try:
         methods = resolve_methods(spec, reg, info)
         problems += [f"{source}: {p}" for p in capability_problems(methods, reg, spec.backbone.name, info)]
+        if reg.get("protocol", spec.protocol.name).unseen_classes:
+            problems += [f"{source}: method {m.label!r} ({m.name}) cannot run {spec.protocol.name}, which scores "
+                         f"classes it never saw: {why}" for m in methods
+                         if (why := fixed_classes(reg.get("method", m.name), m.used if m.used is not None else m.options))]
     except UserError as exc:
         problems += [f"{source}: {p}" for p in exc.problems]
     if not problems:  # prompts against the text context, once the backbone and datasets check out
@@ -157,7 +162,8 @@ def resolve_methods(spec, reg: Registry, backbone=None) -> list:
 
 
 #: What a capability is, in words (as :meth:`~vlprompt_core.api.VisionLanguageBackbone.require` says it).
-NEEDS = {"vision_transformer": "a ViT image tower (visual prompts go into its blocks)"}
+NEEDS = {"vision_transformer": "a ViT image tower (visual prompts go into its blocks)",
+         "projection_hooks": "attention projections reachable in both towers (weights trained inside them)"}
 
 
 def capability_problems(methods: list, reg: Registry, name: str, backbone) -> list[str]:

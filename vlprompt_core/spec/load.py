@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from ..errors import UserError
 from ..plugins import Registry
 from ..yamlload import load as load_yaml, yaml_problem
-from .model import build_spec_model
+from .model import all_methods, build_spec_model, fixed_classes
 
 
 def _loc(error: dict, raw: Any) -> str:
@@ -74,13 +74,15 @@ def _size_problem(data: Any) -> str | None:
     return None
 
 
-def validate_spec(data: Any, reg: Registry, source: str = "spec"):
-    """Validate plain data; a :class:`UserError` lists one line per problem."""
+def validate_spec(data: Any, reg: Registry, source: str = "spec", notes: list[str] | None = None):
+    """Validate plain data; a :class:`UserError` lists one line per problem. What
+    ``method: all`` leaves out under this protocol is told in ``notes`` (one line each)."""
     if not isinstance(data, dict):
         raise UserError(f"{source}: the spec must be a mapping of sections (backbone, method, dataset, ...)")
     too_large = _size_problem(data)
     if too_large:
         raise UserError(f"{source}: {too_large}")
+    data = _expand_all(data, reg, notes if notes is not None else [])
     model = build_spec_model(reg)
     try:
         return model.model_validate(data)
@@ -88,6 +90,29 @@ def validate_spec(data: Any, reg: Registry, source: str = "spec"):
         raise UserError(*[f"{source}: {_loc(e, data)}: {error_message(e)}" for e in exc.errors()]) from None
     except OSError as exc:  # a validator looked at a path the system refuses (name too long, ...)
         raise UserError(f"{source}: {_os_problem(exc)}") from None
+
+
+def _expand_all(data: dict, reg: Registry, notes: list[str]) -> dict:
+    """``method: all`` under a protocol that scores unseen classes (base-to-novel): every
+    method but those that score only the classes they were fitted on, each left out
+    said in ``notes``."""
+    protocol = data.get("protocol")
+    name = protocol.get("name") if isinstance(protocol, dict) else None
+    entry = reg.entries.get("protocol", {}).get(name) if isinstance(name, str) else None
+    if data.get("method") != "all" or entry is None or not entry.unseen_classes:
+        return data
+    keep = []
+    for method in all_methods(reg):
+        method_entry = reg.get("method", method)
+        try:
+            why = fixed_classes(method_entry, method_entry.options())
+        except Exception:  # options without defaults, a fault of the plug-in: validation says it later
+            why = None
+        if why:
+            notes.append(f"method: all leaves out {method} under {name}: {why}")
+        else:
+            keep.append({"name": method})
+    return {**data, "method": keep}
 
 
 def _os_problem(exc: OSError) -> str:
@@ -140,10 +165,11 @@ def read_yaml(path: Path, empty: str) -> Any:
     return data
 
 
-def load_spec(path: Path, reg: Registry):
-    """Read and validate a YAML run spec; ``output`` defaults to ``runs/<file stem>``."""
+def load_spec(path: Path, reg: Registry, notes: list[str] | None = None):
+    """Read and validate a YAML run spec (``notes``: see :func:`validate_spec`); ``output``
+    defaults to ``runs/<file stem>``."""
     data = read_yaml(path, "a run spec is a mapping of sections: backbone, method, dataset, protocol, train, output")
-    spec = validate_spec(data, reg, str(path))
+    spec = validate_spec(data, reg, str(path), notes)
     if spec.output is None:
         spec.output = Path("runs") / Path(path).stem
     return spec

@@ -52,12 +52,24 @@ def _dataset_ref_fields(options: type[BaseModel], dataset) -> dict[str, Any]:
     }
 
 
+def all_methods(reg: Registry) -> list[str]:
+    """What ``method: all`` names: the built-in baselines first, then installed plug-ins
+    (the core names no method), not the methods that wrap another (they need a ``base``
+    of the user's choice)."""
+    return sorted((n for n in reg.names("method") if not reg.get("method", n).wraps),
+                  key=lambda n: (reg.sources[("method", n)].distribution != "vlprompt", n))
+
+
+def fixed_classes(entry, options) -> str | None:
+    """Why the method of ``entry`` with ``options`` scores only the classes it was fitted
+    on (:meth:`~vlprompt_core.api.PromptMethod.fixed_classes`), or None."""
+    hook = getattr(entry.build, "fixed_classes", None)
+    return hook(options) if hook is not None else None
+
+
 def _method_list(reg: Registry):
-    """``method:`` may be one section, a list, or ``all`` (the built-in baselines
-    first, then installed plug-ins; the core names no method; not the methods that wrap
-    another: they need a ``base`` of the user's choice)."""
-    names = sorted((n for n in reg.names("method") if not reg.get("method", n).wraps),
-                   key=lambda n: (reg.sources[("method", n)].distribution != "vlprompt", n))
+    """``method:`` may be one section, a list, or ``all`` (:func:`all_methods`)."""
+    names = all_methods(reg)
 
     def expand(value):
         if value == "all":

@@ -25,7 +25,8 @@ its ``effective_options`` says it uses there), and checks that:
   and every other tensor of the method stay bit-identical;
 * ``set_classes`` to another class count gives scores for the new classes, and
   permuting the class names permutes the scores (or, for a case marked
-  ``fixed_classes``, fails with a one-line user error);
+  ``fixed_classes``, fails with a one-line user error, and the method's
+  ``fixed_classes(options)`` says so before anything is built);
 * a checkpoint round trip (the engine's own save and load) gives identical scores,
   fitted tensors included (loaded into a method that was never fitted);
 * for a method with ``before_training`` / ``after_training``: fitting (on
@@ -270,6 +271,16 @@ class MethodContract:
         method.set_classes(ClassSet(NAMES))
         assert _scores(method, batch).shape == (3, len(NAMES))
 
+    def test_fixed_classes_is_told_before_anything_is_built(self, entry, backbone, case):
+        """A case that cannot score other classes says so in one line from its options alone
+        (``fixed_classes``), so that validate refuses base-to-novel and ``method: all`` leaves it out."""
+        options = entry.effective(entry.options.model_validate(case.options), BackboneInfo.of(backbone)).options
+        why = getattr(entry.build, "fixed_classes", lambda o: None)(options)
+        if case.fixed_classes:
+            assert isinstance(why, str) and why and "\n" not in why, "fixed_classes(options) must give one line"
+        else:
+            assert why is None, f"fixed_classes says {why!r} for a case that scores other classes"
+
     def test_permuting_class_names_permutes_scores(self, entry, backbone, case):
         if case.fixed_classes:
             pytest.skip("the method scores only the classes it was built for")
@@ -397,8 +408,8 @@ class MethodContract:
         # base-to-novel on 5 classes: base 3, novel 2 (a classifier left at the base
         # classes cannot go unnoticed)
         dataset = "toy5" if protocol == "base2novel" else "toy"
-        if case.fixed_classes and protocol == "base2novel":  # novel classes need other names
-            with pytest.raises(UserError):
+        if case.fixed_classes and protocol == "base2novel":  # refused before anything runs (fixed_classes)
+            with pytest.raises(UserError, match="cannot run base2novel"):
                 self.engine_run(contract_world, contract_registry, case, tmp_path / "out", section, dataset=dataset)
             return
         if section == self.FEW_SHOT and dataset == "toy":  # that very run is the class's few-shot run

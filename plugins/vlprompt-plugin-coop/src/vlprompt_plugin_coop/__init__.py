@@ -52,6 +52,10 @@ class CoOpOptions(Options):
         return self
 
 
+CSC_FIXED = ("method.csc: class-specific context is tied to the classes it was trained on; it cannot score other "
+             "classes (use csc: false for base-to-novel or transfer)")
+
+
 class CoOp(PromptMethod):
     inputs = ("image_features",)
     provides = ("features",)  # MethodOutput.extras: TEXT_FEATURES, IMAGE_FEATURES
@@ -70,12 +74,13 @@ class CoOp(PromptMethod):
         self._trained_names = list(classes.names)
         self.set_classes(classes)
 
+    @classmethod
+    def fixed_classes(cls, options: CoOpOptions) -> str | None:
+        return CSC_FIXED if options.csc else None
+
     def set_classes(self, classes: ClassSet) -> None:
         if self.options.csc and list(classes.names) != self._trained_names:
-            raise UserError(
-                "method.csc: class-specific context is tied to the classes it was trained on; "
-                "it cannot score other classes (use csc: false for base-to-novel or transfer)"
-            )
+            raise UserError(CSC_FIXED)
         self.prompts = PromptTable(self.backbone, classes.names, self.template)
 
     def text_features(self) -> torch.Tensor:

@@ -81,6 +81,9 @@ class PromptEncoder(nn.Module):
         return self.mlp(out) if self.kind == "mlp2" else out  # mlp2: the same weights twice
 
 
+CSC_FIXED = "method.csc: class-specific context cannot score other classes (use csc: false)"
+
+
 class PRE(PromptMethod):
     inputs = ("image_features",)
 
@@ -102,9 +105,13 @@ class PRE(PromptMethod):
         self._trained_names = list(classes.names)
         self.set_classes(classes)
 
+    @classmethod
+    def fixed_classes(cls, options: PREOptions) -> str | None:
+        return CSC_FIXED if options.csc else None
+
     def set_classes(self, classes: ClassSet) -> None:
         if self.options.csc and list(classes.names) != self._trained_names:
-            raise UserError("method.csc: class-specific context cannot score other classes (use csc: false)")
+            raise UserError(CSC_FIXED)
         self.prompts = PromptTable(self.backbone, classes.names, self.template)
 
     def encoded_context(self) -> torch.Tensor:
