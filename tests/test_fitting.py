@@ -217,8 +217,8 @@ def test_method_all_leaves_out_a_fixed_class_method_where_unseen_classes_are_sco
     notes: list[str] = []
     spec = validate_spec(spec_data(world, "all", {"name": "base2novel", "shots": 2}), registry, notes=notes)
     assert "prototypes" not in [m.name for m in spec.method] and "zeroshot" in [m.name for m in spec.method]
-    assert notes == ["method: all leaves out prototypes under base2novel: prototypes score only the classes they "
-                     "were fitted on"]
+    assert ("method: all leaves out prototypes under base2novel: prototypes score only the classes they were "
+            "fitted on") in notes  # (and any installed plug-in that scores only its own classes)
     notes.clear()
     spec = validate_spec(spec_data(world, "all", {"name": "few_shot", "shots": 2}), registry, notes=notes)
     assert "prototypes" in [m.name for m in spec.method] and notes == []

@@ -10,6 +10,9 @@ One file per concern, read top-down:
   :mod:`.extract` — frozen image features, once per run;
 * :mod:`.checkpoints` — a pair's prompts and training state;
 * :mod:`.context` — what every part shares (device, output, progress, features);
+* :mod:`.distributed` — the processes a run is spread over (``torchrun``): the
+  :class:`~.distributed.Strategy` the loops ask to split batches, sum gradients and
+  let the main process alone write;
   :mod:`.faults` — what happens when a pair, a plug-in or a logger fails.
 """
 

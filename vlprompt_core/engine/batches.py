@@ -14,15 +14,16 @@ import torch
 from .. import textbook
 from ..api import Batch, ContractError, Item, MethodOutput, PromptMethod
 from ..data import ImageLoader, UnreadableImages
+from ..data.loader import contiguous_part
 from ..features import Features
 from ..settings import TrainSpec
 from .context import autocast
 
 
 def image_loader(items: list[Item], transform, batch_size: int, settings: TrainSpec, shuffle: bool, seed: int = 0,
-                 unreadable: UnreadableImages | None = None) -> ImageLoader:
+                 unreadable: UnreadableImages | None = None, share: tuple[int, int] | None = None) -> ImageLoader:
     return ImageLoader(items, transform, batch_size, shuffle=shuffle, num_workers=settings.num_workers, seed=seed,
-                       on_unreadable=settings.unreadable_images, unreadable=unreadable)
+                       on_unreadable=settings.unreadable_images, unreadable=unreadable, share=share)
 
 
 def make_batch(method: PromptMethod, images: torch.Tensor, labels: torch.Tensor | None) -> Batch:
@@ -100,9 +101,12 @@ class ImageBatches:
 class ViewBatches:
     """One epoch over pre-extracted views (``train.augment_views``): the images in a
     fresh random order (the last partial batch dropped, as the image loader does),
-    each with one of its K views drawn at random."""
+    each with one of its K views drawn at random. With ``share`` = ``(rank, processes)``
+    (a distributed run) every process draws the same and yields its contiguous share of
+    each batch."""
 
-    def __init__(self, views: Features, batch_size: int, seed: int, device: torch.device):
+    def __init__(self, views: Features, batch_size: int, seed: int, device: torch.device,
+                 share: tuple[int, int] | None = None):
         self.views = views
         self.features = views.features.to(device)
         self.labels = views.labels.to(device)
@@ -112,6 +116,7 @@ class ViewBatches:
         n = self.labels.shape[0]
         self.drop_last = n >= batch_size
         self.skip = 0  # start the next epoch after this many batches (a run resumed mid-epoch)
+        self.share = share
 
     def __len__(self) -> int:
         n = self.labels.shape[0]
@@ -124,5 +129,7 @@ class ViewBatches:
         skip, self.skip = self.skip, 0
         for b in range(skip, len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            if self.share is not None:
+                idx = idx[contiguous_part(len(idx), *self.share)]
             idx_d = idx.to(self.device)
             yield Batch(image_features=self.features[view[idx].to(self.device), idx_d], labels=self.labels[idx_d])

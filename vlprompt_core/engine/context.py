@@ -1,7 +1,8 @@
 """What every part of a run shares: where it writes, the device, the feature store,
 progress and log lines, the plug-in registry (for fault handling and lifecycle
-hooks), and the images left out as unreadable. Also the small device helpers:
-seeds, device and precision resolution, autocast."""
+hooks), the images left out as unreadable, and the processes the run is spread over
+(:mod:`.distributed`). Also the small device helpers: seeds, device and precision
+resolution, autocast."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from ..features import FeatureStore
 from ..plugins import Registry
 from ..settings import device_type, resolve_precision
 from . import faults
+from .distributed import Strategy
 
 
 @dataclass
@@ -43,13 +45,18 @@ class RunContext:
     log: Callable[[str], None] = lambda msg: None
     progress: ProgressReporter = field(default_factory=ProgressReporter)
     unreadable: UnreadableImages = field(default_factory=UnreadableImages)  # left out under train.unreadable_images
+    #: The processes the run is spread over (:mod:`.distributed`); by default this one alone.
+    dist: Strategy = field(default_factory=Strategy)
 
     def plugin_call(self, kind: str, name: str, what: str, call: Callable[[], Any]) -> Any:
         """``call()``, a plug-in's failure reported as its own (:func:`faults.plugin_call`)."""
         return faults.plugin_call(self.registry, self.output, kind, name, what, call)
 
     def notify(self, hook: str, **kwargs) -> None:
-        """Every implementation of a lifecycle hook (:func:`faults.notify`); ``output_dir`` is added."""
+        """Every implementation of a lifecycle hook (:func:`faults.notify`); ``output_dir`` is added.
+        In a distributed run, the main process alone tells them."""
+        if not self.dist.is_main:
+            return
         faults.notify(self.registry, self.log, hook, output_dir=str(self.output), **kwargs)
 
 

@@ -23,20 +23,24 @@ def eval_batches(label: str, method: PromptMethod, eval_set: EvalSet, settings: 
                  ctx: RunContext) -> Iterator[Batch]:
     """The batches ``method`` is scored on: the run's frozen features alone, or the
     test images (with those frozen features when the method asks for both). In
-    textbook mode every method encodes the test images of every batch itself."""
+    textbook mode every method encodes the test images of every batch itself. In a
+    distributed run, this process's share of the batches (:meth:`.distributed.Strategy.blocks`)."""
     bs = settings.eval_batch_size
     features = None
     if "image_features" in method.inputs and not textbook.active():
         features, labels = test_features(method.backbone, eval_set, settings, ctx)
         if "images" not in method.inputs:
-            for i in range(0, len(labels), bs):
+            mine = ctx.dist.blocks(len(labels), bs)
+            for i in range(mine.start, mine.stop, bs):
                 yield Batch(image_features=features[i : i + bs], labels=labels[i : i + bs])
             return
     backbone = method.backbone
     tf = test_transform(backbone.image_size, backbone.image_mean, backbone.image_std)
-    loader = image_loader(eval_set.items, tf, bs, settings, shuffle=False, unreadable=ctx.unreadable)
+    mine = ctx.dist.blocks(len(eval_set.items), bs)
+    loader = image_loader(eval_set.items[mine], tf, bs, settings, shuffle=False, unreadable=ctx.unreadable)
     task = ctx.progress.start(f"{label}: eval {eval_set.name}", len(loader))
-    offset = 0
+    # the row of this share's first image among the features (unreadable images have none)
+    offset = sum(str(it.path) not in ctx.unreadable.reasons for it in eval_set.items[: mine.start])
     for images, y in loader:
         n = len(y)
         images, y = images.to(ctx.device), y.to(ctx.device)
@@ -51,25 +55,27 @@ def eval_batches(label: str, method: PromptMethod, eval_set: EvalSet, settings: 
     ctx.progress.stop(task)
 
 
-def check_finite(label: str, method: PromptMethod, scores: torch.Tensor, eval_set: EvalSet,
-                 settings: TrainSpec) -> None:
-    """Non-finite scores rank nothing: the pair fails (the other pairs go on)."""
+def finite_problem(label: str, method: PromptMethod, scores: torch.Tensor, eval_set: EvalSet,
+                   settings: TrainSpec) -> str | None:
+    """Non-finite scores rank nothing: what the pair fails with (the other pairs go on), or None."""
     bad = ~torch.isfinite(scores).all(-1)
     if not bad.any():
-        return
+        return None
     value = scores[~torch.isfinite(scores)][0].item()
     if trainable_parameters(method) and settings.epochs > 0:
         hint = (f"with its prompts trained {settings.epochs} epoch(s) at learning rate {settings.lr:g}; "
                 "try a lower train.lr")
     else:
         hint = "from a method that trains nothing: its plug-in or the backbone computes them"
-    raise PairFailed(f"{label}: its scores on {eval_set.name} are not finite ({value} for {int(bad.sum())} of "
-                     f"{len(scores)} images in a batch) {hint} (the other pairs go on)")
+    return (f"{label}: its scores on {eval_set.name} are not finite ({value} for {int(bad.sum())} of "
+            f"{len(scores)} images in a batch) {hint} (the other pairs go on)")
 
 
 @torch.no_grad()
 def evaluate(label: str, method: PromptMethod, eval_set: EvalSet, settings: TrainSpec, ctx: RunContext) -> float:
-    """Top-1 accuracy (%) of ``method`` on ``eval_set`` under its own classifier."""
+    """Top-1 accuracy (%) of ``method`` on ``eval_set`` under its own classifier (in a
+    distributed run, every process scores its share and the counts are summed; a
+    failure of any process is every process's)."""
     if not eval_set.items:
         raise UserError(f"{eval_set.name}: the evaluation split is empty")
     method.eval()
@@ -79,13 +85,20 @@ def evaluate(label: str, method: PromptMethod, eval_set: EvalSet, settings: Trai
         raise PairFailed(f"{label}: cannot score {eval_set.name}: {'; '.join(exc.problems)} "
                          "(the other pairs go on)") from None
     correct = scored = 0
+    problem = None
     for batch in eval_batches(label, method, eval_set, settings, ctx):
         with autocast(ctx.device, settings.precision):
             scores = method.predict(forward(method, batch))
         check_scores(method, scores, batch, len(eval_set.classes))
-        check_finite(label, method, scores, eval_set, settings)
+        problem = finite_problem(label, method, scores, eval_set, settings)
+        if problem:
+            break
         correct += (scores.argmax(-1) == batch.labels).sum().item()
         scored += len(batch.labels)  # unreadable images left out are not scored
+    problem = ctx.dist.first(problem)
+    if problem:
+        raise PairFailed(problem)
+    correct, scored = ctx.dist.sum([correct, scored])
     if not scored:
         raise UserError(f"{eval_set.name}: none of its {len(eval_set.items)} images could be read")
     return 100.0 * correct / scored

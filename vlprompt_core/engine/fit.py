@@ -10,8 +10,6 @@ from __future__ import annotations
 import math
 import time
 
-import torch
-
 from .. import textbook
 from ..api import PromptMethod
 from ..data import train_transform
@@ -32,13 +30,15 @@ def train_batches(label: str, method: PromptMethod, plan, settings: TrainSpec, s
     image features), or fresh augmentations of the training images every epoch."""
     backbone = method.backbone
     tf = train_transform(backbone.image_size, backbone.image_mean, backbone.image_std, settings.crop_scale)
+    ctx.dist.check_batches(min(settings.batch_size, len(plan.train)))
     if settings.augment_views and method.inputs == ("image_features",) and not textbook.active():
-        return ViewBatches(train_views(backbone, plan.train, tf, settings, ctx), settings.batch_size, seed, ctx.device)
+        return ViewBatches(train_views(backbone, plan.train, tf, settings, ctx), settings.batch_size, seed, ctx.device,
+                           ctx.dist.share)
     if settings.augment_views and not textbook.active():
         ctx.log(f"{label}: augment_views applies to methods that read only frozen image features; "
                 "it trains on fresh augmentations")
     loader = image_loader(plan.train, tf, settings.batch_size, settings, shuffle=True, seed=seed,
-                          unreadable=ctx.unreadable)
+                          unreadable=ctx.unreadable, share=ctx.dist.share)
     return ImageBatches(method, loader, ctx.device, settings.precision)
 
 
@@ -66,19 +66,27 @@ def train_pair(label: str, seed: int, method: PromptMethod, plan, settings: Trai
     method.set_classes(plan.classes)
     method.eval()
     method.after_training(data)
-    files.save(method, max(settings.epochs - 1, 0))
+    if ctx.dist.is_main:
+        files.save(method, max(settings.epochs - 1, 0))
     return log, trained
 
 
 def fit(label: str, seed: int, method: PromptMethod, plan, settings: TrainSpec, files: PairFiles,
         ctx: RunContext) -> tuple[list[dict], int]:
-    """Train ``method`` on the plan's training items: one log entry per epoch, and
-    how many images went through a training step in this process."""
+    """Train ``method`` on the plan's training items: one log entry per epoch, and how
+    many images went through a training step. In a distributed run (:mod:`.distributed`)
+    each process trains on its share of every batch, the step is the one of the whole
+    batch, the log is the whole batch's, and the main process alone saves."""
     optimizer = make_optimizer(optimizer_groups(method), settings)
     params = trainable_parameters(method)
     batches = train_batches(label, method, plan, settings, seed, ctx)
     if settings.steps:  # a budget of steps: the epochs it takes, the last one cut short
         settings = settings.model_copy(update={"epochs": math.ceil(settings.steps / len(batches))})
+    dist = ctx.dist
+    if dist.world_size > 1:
+        how = ("each process encodes its share of the classes" if method.shards_classes else
+               "not sharded, every process runs it whole (the method does not set shards_classes)")
+        dist.say_once(label, f"{label}: data parallel over {dist.world_size} processes; text pass: {how}", ctx.log)
     method.set_classes(plan.classes)
     method.train()
     log: list[dict] = []
@@ -107,28 +115,32 @@ def fit(label: str, seed: int, method: PromptMethod, plan, settings: TrainSpec, 
             labels = batch.labels
             if per_step:
                 set_lr(optimizer, lr_at(epoch, settings, step, len(batches)), warmup=epoch < settings.warmup_epochs)
-            with autocast(ctx.device, settings.precision):
+            with autocast(ctx.device, settings.precision), dist.sharding_classes(method):
                 out = forward(method, batch)
                 loss = method.loss(out, batch)
             check_scores(method, out.logits, batch, len(plan.classes))
-            if not torch.isfinite(loss):
-                raise diverged(f"{label} seed {seed}: the loss became {loss.item()}", epoch, lr, settings)
+            whole = dist.global_loss(loss, len(labels))  # the whole batch's (in one process: this one)
+            if not math.isfinite(whole.total):
+                raise diverged(f"{label} seed {seed}: the loss became {whole.mean}", epoch, lr, settings)
             optimizer.zero_grad(set_to_none=True)
-            method.backward(loss, out, batch)  # default: loss.backward()
+            method.backward(dist.local_loss(loss, len(labels), whole), out, batch)  # default: loss.backward()
+            dist.all_reduce_grads(params)
             optimizer.step()
             problem = divergence(params)
             if problem:
                 raise diverged(f"{label} seed {seed}: {problem}", epoch, lr, settings)
-            n = len(labels)
+            n = whole.images
             trained += n
-            total += loss.item() * n
+            total += whole.total
             count += n
-            correct += (method.predict(out).argmax(-1) == labels).sum().item()
-            for name, term in out.losses.items():
-                terms[name] = terms.get(name, 0.0) + float(term.detach()) * n
+            right, *weighted = dist.sum([(method.predict(out).argmax(-1) == labels).sum().item(),
+                                         *(float(term.detach()) * len(labels) for term in out.losses.values())])
+            correct += right
+            for name, value in zip(out.losses, weighted):
+                terms[name] = terms.get(name, 0.0) + value
             ctx.progress.advance(task, 1)
             step += 1
-            if every and step % every == 0 and step < len(batches):
+            if every and step % every == 0 and step < len(batches) and dist.is_main:
                 files.save_state(method, optimizer, epoch_start, Position(epoch, step, [total, count, correct, terms]),
                                  log)
         method.on_epoch_end(epoch, settings.epochs)
@@ -136,8 +148,9 @@ def fit(label: str, seed: int, method: PromptMethod, plan, settings: TrainSpec, 
                    "train_acc": 100 * correct / max(count, 1), "time_s": time.perf_counter() - started}
         metrics.update({f"loss.{k}": v / max(count, 1) for k, v in terms.items()})
         log.append(metrics)
-        files.save(method, epoch)
-        files.save_state(method, optimizer, batches.generator.get_state(), Position(epoch + 1), log)
+        if dist.is_main:
+            files.save(method, epoch)
+            files.save_state(method, optimizer, batches.generator.get_state(), Position(epoch + 1), log)
         ctx.notify("vlprompt_epoch_end", method=label, seed=seed, epoch=epoch, metrics=metrics)
     ctx.progress.stop(task)
     return log, trained

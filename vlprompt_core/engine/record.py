@@ -153,10 +153,12 @@ def run_key(m: ResolvedMethod, seed: int, sources: Sources | None) -> str:
 
 
 class RunRecord:
-    """The ``results.json`` of a run in progress: kept in memory, written after every change."""
+    """The ``results.json`` of a run in progress: kept in memory, written after every
+    change (``write=False``: kept in memory only, as the processes of a distributed run
+    but the main one keep it)."""
 
-    def __init__(self, path: Path, data: dict):
-        self.path, self.data = path, data
+    def __init__(self, path: Path, data: dict, write: bool = True):
+        self.path, self.data, self.write = path, data, write
         self.save()
 
     @property
@@ -164,7 +166,8 @@ class RunRecord:
         return self.data["runs"]
 
     def save(self) -> None:
-        atomic_write_json(self.path, self.data)
+        if self.write:
+            atomic_write_json(self.path, self.data)
 
     def add(self, result: dict) -> None:
         self.runs.append(result)

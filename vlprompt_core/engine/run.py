@@ -34,9 +34,11 @@ from ..recipes import ResolvedMethod, backbone_info
 from ..results import aggregate, aggregate_cost, markdown_table, package_versions
 from ..settings import TrainSpec
 from ..spec import dataset_sections, resolve_methods, spec_hash
+from . import distributed
 from . import record as rec
 from .checkpoints import PairFiles
 from .context import ProgressReporter, RunContext, resolve_device, set_seed
+from .distributed import Strategy
 from .evaluate import evaluate
 from .faults import PairFailed, PluginError, interruption
 from .fit import train_pair
@@ -46,15 +48,21 @@ from .optim import learned_tensors, trainable_parameters
 @dataclass
 class Engine:
     """Runs one validated spec (checked with :func:`~vlprompt_core.spec.check_spec`).
-    ``backbone``: a frozen backbone to use instead of building the spec's (tests)."""
+    ``backbone``: a frozen backbone to use instead of building the spec's (tests);
+    ``strategy``: the processes the run is spread over (default: the ``torch.distributed``
+    group this process belongs to, if any, else this process alone; :mod:`.distributed`)."""
 
     spec: Any
     registry: Registry
     progress: ProgressReporter = field(default_factory=ProgressReporter)
     log: Callable[[str], None] = lambda msg: None
     backbone: Any = None
+    strategy: Strategy | None = None
 
     def __post_init__(self):
+        self.dist = self.strategy if self.strategy is not None else distributed.current()
+        if not self.dist.is_main:  # the main process alone logs and draws progress
+            self.log, self.progress = (lambda msg: None), ProgressReporter()
         self.output = Path(self.spec.output)
         self.results_path = self.output / "results.json"
         #: What the backbone is, told without loading it (or read from the one given).
@@ -62,8 +70,9 @@ class Engine:
         if self.backbone is not None:
             self.backbone_info = BackboneInfo.of(self.backbone, self.backbone_info)
         self.methods: list[ResolvedMethod] = resolve_methods(self.spec, self.registry, self.backbone_info)
-        self.ctx = RunContext(self.output, resolve_device(self.spec.train.device), self.registry,
-                              FeatureStore(self.spec.train.feature_cache, log=self.log), self.log, self.progress)
+        cache = self.spec.train.feature_cache if self.dist.is_main else None  # one writer of the feature cache
+        self.ctx = RunContext(self.output, self.dist.place(resolve_device(self.spec.train.device)), self.registry,
+                              FeatureStore(cache, log=self.log), self.log, self.progress, dist=self.dist)
         self._datasets: dict[str, Any] = {}
         self._data_key: str | None = None
 
@@ -164,8 +173,10 @@ class Engine:
         self.key_by_data()
         timings["dataset"] = time.perf_counter() - td
         wanted = [(m.label, rec.run_key(m, s, sources), s) for m in self.methods for s in spec.train.seeds]
-        with FolderLock(self.output, log=self.log):
-            runs = rec.previous_runs(self.results_path, wanted, self.log)
+        if self.dist.describe():
+            self.log(self.dist.describe())
+        with distributed.main_holds(self.dist, lambda: FolderLock(self.output, log=self.log)):
+            runs = self.dist.from_main(lambda: rec.previous_runs(self.results_path, wanted, self.log))
             done = {(r["method"], r["key"], r["seed"]) for r in runs}
             distributions = sorted({s.distribution for s in self.registry.sources.values()
                                     if s.distribution not in ("vlprompt", "?")})
@@ -178,7 +189,9 @@ class Engine:
             }
             if checkpoints_from is not None:
                 data["checkpoints_from"] = str(checkpoints_from)
-            record = rec.RunRecord(self.results_path, data)
+            if self.dist.distributed:
+                data["processes"] = self.dist.world_size
+            record = rec.RunRecord(self.results_path, data, write=self.dist.is_main)
             try:
                 self._run_pairs(record, done, sources, timings)
             except BaseException as exc:
@@ -192,7 +205,8 @@ class Engine:
             timings["total"] = time.perf_counter() - t0
             record.end("failed" if data["failures"] else "complete", summary=aggregate(runs),
                        cost=aggregate_cost(runs), time_s=timings, unreadable_images=self.ctx.unreadable.summary())
-            (self.output / "results.md").write_text(markdown_table(data["summary"], self.title(), data["cost"]))
+            if self.dist.is_main:
+                (self.output / "results.md").write_text(markdown_table(data["summary"], self.title(), data["cost"]))
             self.ctx.notify("vlprompt_run_end", results=data)
         return data
 
@@ -223,7 +237,8 @@ class Engine:
             plan = ctx.plugin_call("protocol", spec.protocol.name, f"seed {seed}", lambda: protocol.plan(
                 spec.protocol, ProtocolContext(dataset, seed, self.load_dataset)))
             check_plan(plan, f"protocol {spec.protocol.name}")
-            rec.save_sample(self.output, seed, plan.sample, self.log)
+            if self.dist.is_main:
+                rec.save_sample(self.output, seed, plan.sample, self.log)
             for m in self.methods:
                 key = rec.run_key(m, seed, sources)
                 if (m.label, key, seed) in done:
@@ -235,12 +250,14 @@ class Engine:
                     result = ctx.plugin_call("method", m.name, f"{m.label} seed {seed}", lambda: self.run_one(
                         m, seed, backbone, plan, key, files, source, scoring_only=sources is not None))
                 except (PairFailed, PluginError) as exc:
+                    if isinstance(exc, PluginError) and self.dist.world_size > 1:
+                        raise  # it may be this process's alone: the others cannot go on without it
                     self.log(f"error: {exc}")
                     record.fail_pair(m.label, seed, str(exc))
                     continue
                 result["summary"] = protocol.summarize(spec.protocol, result["accuracy"])
                 record.add(result)
-                if result.get("checkpoint"):
+                if result.get("checkpoint") and self.dist.is_main:
                     files.training_done()
                 ctx.notify("vlprompt_evaluation_done", method=m.label, seed=seed, results=result)
 
@@ -276,7 +293,9 @@ class Engine:
         """Train (or load) and score one (method, seed) pair; its result with what it cost."""
         with PeakMemory(self.device) as peak:
             result = self._pair(m, seed, backbone, plan, key, files, source, scoring_only)
-        result["cost"].update(peak_memory_mb=round(peak.mb, 1), memory=peak.kind)
+        result["cost"].update(peak_memory_mb=round(self.dist.max(peak.mb), 1), memory=peak.kind)
+        if self.dist.distributed:  # the largest of the processes' peaks
+            result["cost"]["processes"] = self.dist.world_size
         return result
 
     def _pair(self, m: ResolvedMethod, seed: int, backbone, plan, key: str, files: PairFiles, source,

@@ -21,7 +21,7 @@
 Image-independent features are cached per evaluation with
 :meth:`vlprompt_core.api.PromptMethod.cached`.
 
-The machinery lives in four modules, all of it importable from here:
+The machinery lives in five modules, all of it importable from here:
 
 * :mod:`~vlprompt_core.prompting.handcrafted` — hand-written templates
   (:func:`templates_for`, :func:`check_templates`, :data:`TemplateChoice`) and
@@ -31,6 +31,8 @@ The machinery lives in four modules, all of it importable from here:
 * :mod:`~vlprompt_core.prompting.learned` — learned prompts (:class:`Context`,
   :class:`PromptTemplate`, :class:`PromptTable`, :func:`init_context`, :func:`leading_words`).
 * :mod:`~vlprompt_core.prompting.deep` — deep prompts, shared by MaPLe-like methods.
+* :mod:`~vlprompt_core.prompting.sharding` — the text pass sharded over classes across the
+  processes of a distributed run (:func:`shard_classes`, :func:`sharded_over_classes`).
 
 Settings are read where they are defined: patch ``AUTO_CHUNK_BUDGET`` on
 :mod:`~vlprompt_core.prompting.chunking`, not on this package.
@@ -55,6 +57,7 @@ from .handcrafted import (
     prompt_length_problem,
     templates_for,
 )
+from .sharding import current_class_sharding, shard_classes, sharded_over_classes
 from .deep import append_prompts, deep_prompts, prompt_depth, replace_slots, text_prompt_hook, vision_prompt_hook
 from .learned import (
     CLASS_NAME,
@@ -78,6 +81,7 @@ __all__ = [
     "TextChunking",
     "check_templates",
     "class_text_features",
+    "current_class_sharding",
     "current_text_chunking",
     "handwritten_length_problem",
     "init_context",
@@ -91,6 +95,8 @@ __all__ = [
     "vision_prompt_hook",
     "prompt_length_problem",
     "rows_per_pass",
+    "shard_classes",
+    "sharded_over_classes",
     "templates_for",
     "text_chunking",
 ]

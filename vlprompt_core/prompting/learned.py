@@ -4,6 +4,7 @@ text pass that writes context vectors in) and :func:`init_context`."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -17,6 +18,7 @@ from ..api import BlockContext, BlockHook, ContextHook, TextPrefix, VisionLangua
 from ..errors import UserError
 from .chunking import _in_chunks, rows_per_pass
 from .handcrafted import prompt_length_problem
+from .sharding import current_class_sharding, shard_classes
 
 
 @dataclass(frozen=True)
@@ -195,7 +197,16 @@ class PromptTable(nn.Module):
         classes, groups (the flattened index into ``S``) and context slots
         (:class:`~vlprompt_core.api.BlockContext`), or, on the shared prefix, that the
         rows are the groups' prefixes (``part="prefix"``, no classes).
+
+        In a training step of a distributed run, for a method that opts in
+        (:attr:`~vlprompt_core.api.PromptMethod.shards_classes`), each process encodes only
+        its slice of the classes and the features are gathered with their gradient
+        (:func:`~vlprompt_core.prompting.sharding.shard_classes`), when the context is the
+        same in every process and there is no ``block_hook`` (:meth:`_shardable`).
         """
+        if current_class_sharding() is not None and self._shardable(ctx, block_hook):
+            return shard_classes(len(self), lambda part: self.rows(part).encode(
+                backbone, ctx[part] if ctx.dim() == 3 and ctx.shape[0] != 1 else ctx, None, chunk_size))
         recompute = torch.is_grad_enabled() and ctx.requires_grad
         per_class = ctx.dim() > 2 and ctx.shape[-3] != 1
         hook_allows_prefix = block_hook is None or (
@@ -222,6 +233,21 @@ class PromptTable(nn.Module):
         pieces = [(flat[i : i + rows], ids[i : i + rows], index[i : i + rows]) for i in range(0, flat.shape[0], rows)]
         feats = torch.cat(_in_chunks(run, recompute, pieces))
         return feats.reshape(*lead, n_cls, feats.shape[-1])
+
+    def _shardable(self, ctx: torch.Tensor, block_hook: BlockHook | None) -> bool:
+        """Whether :meth:`encode` may shard its pass over classes (:mod:`.sharding`): a
+        trained context shared by every image (``S`` empty, ``(1,)`` or per class ``(C,)``:
+        the same in every process), no block hook (it is told its rows' class indices),
+        not in textbook mode."""
+        shared = ctx.dim() == 2 or (ctx.dim() == 3 and ctx.shape[0] in (1, len(self)))
+        return shared and ctx.requires_grad and block_hook is None and not textbook.active()
+
+    def rows(self, classes: slice) -> PromptTable:
+        """This table for a slice of its classes: the same layout (width, shared prefix),
+        so each class's prompt is encoded as in the whole table."""
+        part = copy.copy(self)
+        part.__dict__["_buffers"] = {name: buf[classes] for name, buf in self._buffers.items()}
+        return part
 
     def _encode_with_prefix(
         self,

@@ -59,6 +59,7 @@ CSC_FIXED = ("method.csc: class-specific context is tied to the classes it was t
 class CoOp(PromptMethod):
     inputs = ("image_features",)
     provides = ("features",)  # MethodOutput.extras: TEXT_FEATURES, IMAGE_FEATURES
+    shards_classes = True  # one context for every image: a distributed run may shard the text pass over classes
 
     @classmethod
     def effective_options(cls, options, backbone):

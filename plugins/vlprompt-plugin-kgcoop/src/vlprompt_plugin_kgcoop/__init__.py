@@ -73,6 +73,7 @@ def knowledge_distance(learned: torch.Tensor, frozen: torch.Tensor, kind: str = 
 class KgCoOp(PromptMethod):
     inputs = ("image_features",)
     provides = ("features",)  # MethodOutput.extras: TEXT_FEATURES, IMAGE_FEATURES
+    shards_classes = True  # one context for every image: a distributed run may shard the text pass over classes
 
     @classmethod
     def effective_options(cls, options, backbone):
