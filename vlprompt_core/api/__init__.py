@@ -15,8 +15,8 @@ submodules only say where each part is written:
 * :mod:`~vlprompt_core.api.data`: :class:`Item`, :class:`ClassSet`,
   :class:`DatasetSplits`, :class:`EvalSet` and a protocol's :class:`Plan`.
 * :mod:`~vlprompt_core.api.backbone`: :class:`VisionLanguageBackbone` with
-  :data:`BlockHook` (:class:`ContextHook`, :class:`BlockContext`, :func:`call_block_hook`)
-  and :data:`TextPrefix`.
+  :data:`BlockHook` (:class:`ContextHook`, :class:`BlockContext`, :func:`call_block_hook`),
+  :data:`TextPrefix` and :data:`ProjectionHook` (:class:`ProjectionSite`).
 * :mod:`~vlprompt_core.api.method`: :class:`PromptMethod`, :class:`Batch`,
   :class:`MethodOutput`, :class:`ParamGroup`, :class:`EffectiveOptions`, and
   :class:`FrozenData` (:class:`FrozenFeatures`) for fitting without gradient steps.
@@ -34,7 +34,16 @@ each other directly, never this ``__init__`` (``tests/test_layers.py``).
 
 from __future__ import annotations
 
-from .backbone import BlockContext, BlockHook, ContextHook, TextPrefix, VisionLanguageBackbone, call_block_hook
+from .backbone import (
+    BlockContext,
+    BlockHook,
+    ContextHook,
+    ProjectionHook,
+    ProjectionSite,
+    TextPrefix,
+    VisionLanguageBackbone,
+    call_block_hook,
+)
 from .base import BackboneInfo, ContractError, Options
 from .data import ClassSet, DatasetSplits, EvalSet, Item, Plan
 from .entries import (
@@ -79,6 +88,8 @@ __all__ = [
     "ContextHook",
     "call_block_hook",
     "TextPrefix",
+    "ProjectionSite",
+    "ProjectionHook",
     "VisionLanguageBackbone",
     # method
     "Batch",

@@ -1,16 +1,20 @@
 """The backbone interface a method may use: :class:`VisionLanguageBackbone`, its block
 hooks (:data:`BlockHook`: a plain ``(layer, x)`` function, or a :class:`ContextHook` that
-also gets a :class:`BlockContext`) and shared text prefixes (:data:`TextPrefix`)."""
+also gets a :class:`BlockContext`), shared text prefixes (:data:`TextPrefix`) and projection
+hooks (:data:`ProjectionHook` at a :class:`ProjectionSite`, for weights trained inside the
+towers, e.g. LoRA)."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Callable, Literal, Union
+from typing import Callable, Iterator, Literal, Union
 
 import torch
 from torch import nn
 
 from ..errors import UserError
+from .base import ContractError
 
 
 # ------------------------------------------------------------------------ block hooks
@@ -73,6 +77,29 @@ def call_block_hook(hook: BlockHook, layer: int, x: torch.Tensor, context: Block
     return hook(layer, x, context) if isinstance(hook, ContextHook) else hook(layer, x)
 
 
+# ------------------------------------------------------------------- projection hooks
+
+
+@dataclass(frozen=True)
+class ProjectionSite:
+    """One attention projection of a tower: block ``layer`` (0-based) of the ``"text"`` or
+    ``"image"`` tower, its query, key, value or output projection (``"q"``, ``"k"``, ``"v"``,
+    ``"out"``)."""
+
+    tower: Literal["text", "image"]
+    layer: int
+    projection: Literal["q", "k", "v", "out"]
+
+
+#: Called at every attention projection while :meth:`VisionLanguageBackbone.adapted` is
+#: active: ``hook(site, x, y)`` with the projection's input ``x`` ``[..., in]`` (the normed
+#: tokens for q, k and v; the heads' merged attention output for out) and its frozen
+#: output ``y = x @ W.T + b`` ``[..., out]``; returns the output to use instead, of ``y``'s
+#: shape (e.g. LoRA: ``y + scale * B(A(dropout(x)))``). Return ``y`` itself to leave a
+#: site as it is.
+ProjectionHook = Callable[[ProjectionSite, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 # ------------------------------------------------------------------------ backbone
 
 #: What a shared causal text prefix leaves behind for the tokens after it
@@ -118,7 +145,9 @@ class VisionLanguageBackbone(nn.Module):
     sot_id: int
     eot_id: int
     #: What this backbone offers beyond features: ``"vision_transformer"`` when the
-    #: image tower is a ViT whose tokens and blocks are reachable (visual prompts).
+    #: image tower is a ViT whose tokens and blocks are reachable (visual prompts);
+    #: ``"projection_hooks"`` when :meth:`adapted` works (every attention projection of
+    #: both towers reachable: weights trained inside the towers, e.g. LoRA).
     capabilities: frozenset[str] = frozenset()
     #: A short description for messages, e.g. ``"ViT-B-16 (open_clip)"``.
     description: str = ""
@@ -231,11 +260,43 @@ class VisionLanguageBackbone(nn.Module):
         """Pooling at the class token, final norm, projection: ``[B, embed_dim]``."""
         raise NotImplementedError
 
+    # ------------------------------------------------------ projection hooks
+    @contextmanager
+    def adapted(self, hook: ProjectionHook) -> Iterator[None]:
+        """Inside ``with backbone.adapted(hook):`` every attention projection (q, k, v and
+        out) of every block of both towers passes through ``hook`` (:data:`ProjectionHook`),
+        in every path: :meth:`encode_text`, :meth:`encode_text_embeddings`, the shared-prefix
+        pass (:meth:`encode_text_prefix` / :meth:`encode_text_suffix`), :meth:`encode_image`
+        and :meth:`encode_image_tokens`. The frozen weights are read, never written: what a
+        method trains lives in its own tensors, which the hook reads (their gradients flow
+        through the returned outputs). Outside, the backbone is exactly as before.
+
+        Only with ``"projection_hooks" in capabilities``. An inner ``adapted`` replaces the
+        outer hook until it exits. A pass recomputed in the backward pass (activation
+        checkpointing) reads the hook active then: run that backward inside ``adapted``
+        too."""
+        self.require("projection_hooks", "backbone.adapted (a projection hook)")
+        if not callable(hook):
+            raise ContractError(f"backbone.adapted needs a callable hook(site, x, y), got {type(hook).__name__}")
+        previous = self.__dict__.get("_projection_hook")
+        self.__dict__["_projection_hook"] = hook
+        try:
+            yield
+        finally:
+            self.__dict__["_projection_hook"] = previous
+
+    @property
+    def projection_hook(self) -> ProjectionHook | None:
+        """The hook of the innermost active :meth:`adapted` block; None outside (for
+        backbone implementations)."""
+        return self.__dict__.get("_projection_hook")
+
     def require(self, capability: str, who: str) -> None:
         """Raise a one-line :class:`~vlprompt_core.errors.UserError` naming ``who``
         unless this backbone has ``capability``."""
         if capability not in self.capabilities:
-            what = {"vision_transformer": "a ViT image tower (visual prompts go into its blocks)"}.get(
-                capability, capability
-            )
+            what = {
+                "vision_transformer": "a ViT image tower (visual prompts go into its blocks)",
+                "projection_hooks": "attention projections reachable in both towers (weights trained inside them)",
+            }.get(capability, capability)
             raise UserError(f"{who} needs {what}; backbone {self.description or type(self).__name__} has none")

@@ -16,7 +16,7 @@ from torch import nn
 from ... import textbook
 from ...api import BlockContext, TextPrefix, VisionLanguageBackbone
 from ...errors import UserError
-from .blocks import _hooked, _prefix_block, _run_blocks, _shares_prefixes, _suffix_block
+from .blocks import _hooked, _plain_blocks, _prefix_block, _run_blocks, _shares_prefixes, _suffix_block
 from .options import OPENAI_MEAN, OPENAI_STD
 
 
@@ -68,7 +68,10 @@ class OpenClipBackbone(VisionLanguageBackbone):
         vit = all(hasattr(self.visual, a) for a in ("conv1", "class_embedding", "positional_embedding", "ln_pre",
                                                      "transformer", "ln_post"))
         vit = vit and getattr(self.visual, "attn_pool", None) is None and getattr(self.visual, "pool_type", "tok") == "tok"
-        self.capabilities = frozenset({"vision_transformer"} if vit else ())
+        # projection hooks (adapted): every block of both towers redone by hand
+        hooks = vit and _plain_blocks(text.transformer) and _plain_blocks(self.visual.transformer)
+        self.capabilities = frozenset({"vision_transformer"} if vit else ()) | frozenset(
+            {"projection_hooks"} if hooks else ())
         self.text_prefix_sharing = _shares_prefixes(text, self.pool_type)
         self.description = f"{name or type(model).__name__} ({type(self.visual).__name__} image tower)"
 
@@ -120,7 +123,8 @@ class OpenClipBackbone(VisionLanguageBackbone):
         if add_positional:
             x = x + text.positional_embedding[:length].to(cast)
         context = (context or BlockContext("text")).cut(length)
-        x = _run_blocks(text.transformer, x, mask, block_hook, context, keep_length=True)
+        x = _run_blocks(text.transformer, x, mask, block_hook, context, keep_length=True,
+                        projection_hook=self.projection_hook)
         return self.text_head(x, tokens)
 
     def text_head(self, hidden, tokens):
@@ -143,10 +147,11 @@ class OpenClipBackbone(VisionLanguageBackbone):
         mask = self.text.attn_mask[: x.shape[1], : x.shape[1]]
         context = context or BlockContext("text", "prefix")
         states = []
+        hook = self.projection_hook
         for i, block in enumerate(self.text.transformer.resblocks):
             if block_hook is not None:
                 x = _hooked(block_hook, i, x, context, keep_length=True)
-            x, keys, values = _prefix_block(block, x, mask)
+            x, keys, values = _prefix_block(block, x, mask, hook, i)
             states.append((keys, values))
         return states
 
@@ -159,8 +164,9 @@ class OpenClipBackbone(VisionLanguageBackbone):
         length = int(pool.max()) + 1  # causal: nothing after the last pooled token matters
         x = suffix[:, :, :length].to(self._text_cast(suffix))
         mask = self.text.attn_mask[n_prefix : n_prefix + length, : n_prefix + length]
-        for block, (keys, values) in zip(self.text.transformer.resblocks, prefix):
-            x = _suffix_block(block, x, keys, values, mask)
+        hook = self.projection_hook
+        for i, (block, (keys, values)) in enumerate(zip(self.text.transformer.resblocks, prefix)):
+            x = _suffix_block(block, x, keys, values, mask, hook, i)
         pooled = x[:, torch.arange(x.shape[1], device=x.device), pool]  # [G, C, W]
         return self._text_output(pooled)
 
@@ -170,6 +176,8 @@ class OpenClipBackbone(VisionLanguageBackbone):
 
     # ---------------------------------------------------------------- vision
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        if self.projection_hook is not None:  # the blocks by hand, projections through the hook
+            return self.encode_image_tokens(self.embed_image(images))
         return self.visual(images)
 
     def _vit(self):
@@ -191,7 +199,8 @@ class OpenClipBackbone(VisionLanguageBackbone):
     def encode_image_tokens(self, tokens, block_hook=None, context=None):
         v = self._vit()
         context = context or BlockContext("image", groups=torch.arange(tokens.shape[0], device=tokens.device))
-        x = _run_blocks(v.transformer, tokens, None, block_hook, context, keep_length=False)
+        x = _run_blocks(v.transformer, tokens, None, block_hook, context, keep_length=False,
+                        projection_hook=self.projection_hook)
         return self.image_head(x)
 
     def image_head(self, tokens):

@@ -59,7 +59,9 @@ def _config_info(name: str, config: dict) -> BackboneInfo:
         vision_width=vision.width if transformer else 0,
         context_length=text.context_length,
         embed_dim=config.get("embed_dim"),
-        capabilities=frozenset({"vision_transformer"} if vit else ()),
+        # open_clip's own transformer blocks in both towers: projection hooks (LoRA) can reach them
+        capabilities=frozenset({"vision_transformer"} if vit else ())
+        | frozenset({"projection_hooks"} if vit and not text.hf_model_name else ()),
     )
 
 
@@ -85,5 +87,5 @@ def _openai_info(path: str, size: int, mtime_ns: int) -> BackboneInfo:
         vision_width=state["visual.conv1.weight"].shape[0] if vit else 0,
         context_length=state["positional_embedding"].shape[0] if "positional_embedding" in state else None,
         embed_dim=state["text_projection"].shape[1] if "text_projection" in state else None,
-        capabilities=frozenset({"vision_transformer"} if vit else ()),
+        capabilities=frozenset({"vision_transformer", "projection_hooks"} if vit else ()),
     )
