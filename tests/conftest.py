@@ -40,7 +40,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "vlprompt"))
 #: longest first. They are collected first, so that in parallel (scripts/test.sh: whole
 #: modules to a worker, in collection order: ``--dist loadscope --no-loadscope-reorder``)
 #: they start first and no worker runs one of them alone at the end while the others wait.
-LONGEST_FIRST = ("tests/test_sweep.py", "tests/test_reliability.py", "tests/test_trust_faults.py",
+LONGEST_FIRST = ("tests/test_distributed.py", "tests/test_sweep.py", "tests/test_reliability.py", "tests/test_trust_faults.py",
                  "tests/test_datasets.py", "tests/test_trust_inputs.py", "tests/test_resume.py",
                  "tests/test_quickstart.py")
 

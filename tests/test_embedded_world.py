@@ -256,3 +256,81 @@ def test_closeup_saying_close_up_helps_base_and_hurts_novel_classes(tiny_clip):
     large, _ = _zero_shot_by_half(model, tokenizer, "objects_closeup", "a large {}.")
     assert large["base"] >= plain["base"] + 0.05
     assert large["novel"] <= plain["novel"] - 0.15
+
+
+def _materialise(barrier, folder: Path, flock: bool, report: Path) -> None:
+    """One of the two processes of the test below: materialise ``objects`` in ``folder``
+    and write how many times this process generated it to ``report``.
+
+    The barrier holds both processes after their first look at the (empty) root, so both
+    go on to make the task. ``flock=False`` is the path of a system without ``flock``:
+    both generate, and the barrier holds them again after writing, so both rename their
+    finished task at once and one of them must lose."""
+    import contextlib
+
+    from vlprompt_core.builtin import spec_datasets as sd
+
+    looked, generated = [], []
+    real_ready, real_write = sd.embedded_ready, tasks.write_task
+
+    def ready(task, where):
+        answer = real_ready(task, where)
+        if not looked:
+            looked.append(answer)
+            barrier.wait()
+        return answer
+
+    def write(task, dest, seed=0):
+        real_write(task, dest, seed)
+        generated.append(task)
+        if not flock:
+            barrier.wait()
+
+    sd.embedded_ready, tasks.write_task = ready, write
+    if not flock:
+        sd._turn = lambda path: contextlib.nullcontext()
+    sd.ensure_embedded("objects", folder)
+    assert looked == [False]
+    report.write_text(json.dumps(len(generated)))
+
+
+@pytest.mark.parametrize("flock", [True, False], ids=["flock", "no-flock"])
+def test_two_processes_materialise_one_embedded_task_at_once(tmp_path, flock):
+    # As a sweep's --jobs or parallel test workers do on an empty data root: both processes
+    # succeed and use one complete task (before: the second's rename failed, or it removed
+    # the folder the first was writing).
+    import multiprocessing
+    from multiprocessing.connection import wait
+
+    from vlprompt_core.builtin.spec_datasets import embedded_ready
+
+    # forked from a fresh server process that has imported the module (no import per
+    # process, nothing inherited from this process's threads)
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["vlprompt_core.builtin.spec_datasets"])
+    barrier = ctx.Barrier(2)
+    folder = tmp_path / "data" / "embedded_objects"
+    reports = [tmp_path / f"process{i}.json" for i in range(2)]
+    procs = [ctx.Process(target=_materialise, args=(barrier, folder, flock, r)) for r in reports]
+    for p in procs:
+        p.start()
+    running = list(procs)
+    while running:  # a process that fails breaks the barrier, so the other one cannot wait forever
+        for sentinel in wait([p.sentinel for p in running]):
+            p = next(p for p in running if p.sentinel == sentinel)
+            p.join()
+            running.remove(p)
+            if p.exitcode != 0:
+                barrier.abort()
+    assert [p.exitcode for p in procs] == [0, 0]
+    generated = [json.loads(r.read_text()) for r in reports]
+    assert sorted(generated) == ([0, 1] if flock else [1, 1])  # with flock, the second waits and uses the first's
+    assert embedded_ready("objects", folder)
+    split = json.loads((folder / "split.json").read_text())
+    names = tasks.classnames("objects")
+    for name, entries in split.items():
+        assert len(entries) == tasks.TASKS["objects"].per_class[name] * len(names)
+        assert all((folder / "images" / rel).is_file() for rel, _, _ in entries)
+    assert sum(1 for _ in (folder / "images").rglob("*.png")) == sum(len(e) for e in split.values())
+    left = {p.name for p in folder.parent.iterdir()}
+    assert left == {"embedded_objects", *([".embedded_objects.lock"] if flock else [])}  # no temporary folders

@@ -81,11 +81,11 @@ def test_each_wheel_installs_alone_adds_its_methods_and_uninstalling_removes_the
         assert listed(fresh) == before, plugin.name
     # the package's name is its method's (vlprompt-plugin-coop: coop); a package may add more
     # (vlprompt-plugin-maple: maple, ivlp, language_deep, vpt_deep)
-    assert all(added.get(p.name.removeprefix("vlprompt-plugin-")) == p.name for p in PLUGINS)
+    assert all(added.get(p.name.removeprefix("vlprompt-plugin-").replace("-", "_")) == p.name for p in PLUGINS)
 
 
 def test_the_core_names_no_method_plugin():
-    names = [p.name.removeprefix("vlprompt-plugin-") for p in PLUGINS]
+    names = [p.name.removeprefix("vlprompt-plugin-").replace("-", "_") for p in PLUGINS]
     for path in (ROOT / "vlprompt_core").rglob("*.py"):
         if "testing" in path.parts or "embedded" in path.parts:
             continue

@@ -15,6 +15,9 @@ import hashlib
 import logging
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import ClassVar
 
@@ -96,15 +99,54 @@ def embedded_ready(task: str, folder: Path) -> bool:
 
 
 def ensure_embedded(task: str, folder: Path) -> None:
-    """Generate an embedded dataset unless ``folder`` holds one from the current generator."""
+    """Generate an embedded dataset unless ``folder`` holds one from the current generator.
+
+    Safe when several processes ask at once (a sweep's ``--jobs``, parallel test workers):
+    the task is written, stamp included, into a temporary folder beside ``folder`` and
+    renamed into place, so ``folder`` is either absent, stale or complete, never half
+    written; where the system has ``flock`` the processes take turns (the others wait, then
+    use the first one's), and where it has not, a process whose rename finds ``folder``
+    complete uses that one. A stale folder is moved aside before it is removed."""
     if embedded_ready(task, folder):
         return
-    if folder.exists():
-        log.warning("regenerating %s: made by another version of the generator", folder)
-        shutil.rmtree(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    embedded_tasks.write_task(task, folder)
-    (folder / ".generator").write_text(embedded_fingerprint(task) + "\n")
+    with _turn(folder.parent / f".{folder.name}.lock"):
+        if embedded_ready(task, folder):  # made while this process waited
+            return
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            if folder.exists():
+                log.warning("regenerating %s: made by another version of the generator", folder)
+                try:
+                    os.rename(folder, staging / "stale")
+                except FileNotFoundError:  # another process moved it first
+                    pass
+            made = staging / folder.name
+            embedded_tasks.write_task(task, made)
+            (made / ".generator").write_text(embedded_fingerprint(task) + "\n")
+            try:
+                os.rename(made, folder)
+            except OSError:
+                if not embedded_ready(task, folder):  # not another process's complete task
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def _turn(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path``, waiting for it (no lock without ``fcntl``)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: the atomic rename alone
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 # ------------------------------------------------------------- layouts of a spec
