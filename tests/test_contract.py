@@ -110,8 +110,10 @@ def test_broken_methods_fail_the_contract(pytester):
         if report.when == "call" or report.outcome != "passed":
             cls, test = report.nodeid.split("::")[1:3]
             outcomes.setdefault(cls, {}).setdefault(test.split("[")[0], set()).add(report.outcome)
+    fitting = "test_fitting_is_deterministic_and_leaves_the_backbone_alone"  # Sound fits nothing: skipped
+    assert outcomes["TestSound"].pop(fitting) == {"skipped"}
     assert all(o == {"passed"} for o in outcomes["TestSound"].values()), outcomes["TestSound"]
-    assert len(outcomes["TestSound"]) == 12  # every test of the battery ran
+    assert len(outcomes["TestSound"]) == 13  # every other test of the battery ran
     failed = lambda cls: {t for t, o in outcomes[cls].items() if "failed" in o}  # noqa: E731
     assert failed("TestTouchesBackbone") == {
         "test_a_step_changes_trainable_parameters_and_nothing_else",
