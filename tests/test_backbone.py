@@ -510,3 +510,24 @@ def test_check_lists_every_problem_without_loading(tmp_path):
     ]
     assert check_open_clip(OpenClipOptions(model="ViT-B-32", pretrained="embedded")) == [
         "backbone.pretrained: 'embedded' weights exist only for model 'vlprompt_tiny'"]
+
+
+def test_a_model_config_is_read_alone_and_the_file_given_last_wins_its_name(tmp_path, monkeypatch):
+    """open_clip's own registration reads every config it knows again; ours reads the one
+    file, and (as open_clip's) the file registered last decides what the name means."""
+    import json
+
+    import open_clip
+    from open_clip import factory
+
+    from vlprompt_core.builtin.open_clip_backbone import configs
+
+    first, second = dict(TINY_CONFIG), {**TINY_CONFIG, "embed_dim": TINY_CONFIG["embed_dim"] * 2}
+    for folder, config in (("a", first), ("b", second)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "vlprompt_named_twice.json").write_text(json.dumps(config))
+    monkeypatch.setattr(factory, "_rescan_model_configs", lambda: pytest.fail("every config read again"))
+    for folder, config in (("a", first), ("b", second), ("a", first)):
+        assert configs.register_model_config(tmp_path / folder / "vlprompt_named_twice.json") == "vlprompt_named_twice"
+        assert open_clip.get_model_config("vlprompt_named_twice") == config
+        assert configs.tokenizer("vlprompt_named_twice") is configs.tokenizer("vlprompt_named_twice")

@@ -212,6 +212,26 @@ def test_json_schema_covers_plugins(registry):
     assert set(schema["required"]) >= {"method", "dataset", "protocol"}
 
 
+def test_the_spec_model_is_made_once_for_the_same_plugins_and_again_for_others(base, registry):
+    """A spec model is reused for a registry of the same entries, never for one that
+    holds another method (its name must validate there, and only there)."""
+    import dataclasses
+
+    from vlprompt_core.plugins import Registry
+
+    assert build_spec_model(registry) is build_spec_model(registry)
+    same = Registry(entries={k: dict(v) for k, v in registry.entries.items()}, sources=registry.sources)
+    assert build_spec_model(same) is build_spec_model(registry)
+    entries = {k: dict(v) for k, v in registry.entries.items()}
+    entries["method"]["coop_again"] = dataclasses.replace(registry.get("method", "coop"), name="coop_again")
+    sources = {**registry.sources, ("method", "coop_again"): registry.sources[("method", "coop")]}
+    more = Registry(entries=entries, sources=sources)
+    assert build_spec_model(more) is not build_spec_model(registry)
+    assert validate_spec(with_(base, method={"name": "coop_again"}), more).method[0].name == "coop_again"
+    with pytest.raises(UserError, match="coop_again"):
+        validate_spec(with_(base, method={"name": "coop_again"}), registry)
+
+
 def test_crop_scale_must_be_an_ordered_fraction(base, registry):
     assert TrainSpec().crop_scale == (0.08, 1.0)  # the reference transform by default
     base["train"]["crop_scale"] = [0.9, 0.5]

@@ -117,8 +117,31 @@ def _logger_list(reg: Registry):
     return Annotated[list[item], BeforeValidator(as_list)]
 
 
+#: Spec models already built, by what they are built from (:func:`_model_key`), newest last.
+_BUILT: dict[tuple, type[BaseModel]] = {}
+
+
+def _model_key(reg: Registry) -> tuple:
+    """What :func:`build_spec_model` reads of ``reg``: each entry's name, options model,
+    description, whether it wraps a method, and the distribution it comes from."""
+    return tuple(
+        (kind, name, entry.options, getattr(entry, "description", ""), getattr(entry, "wraps", None),
+         getattr(reg.sources.get((kind, name)), "distribution", None))
+        for kind in sorted(reg.entries) for name, entry in sorted(reg.entries[kind].items()))
+
+
 def build_spec_model(reg: Registry) -> type[BaseModel]:
-    """The pydantic model of a run spec for what ``reg`` holds."""
+    """The pydantic model of a run spec for what ``reg`` holds (made once for the same
+    plug-ins: pydantic builds a model's validators when it is made)."""
+    key = _model_key(reg)
+    if key not in _BUILT:
+        if len(_BUILT) >= 16:
+            _BUILT.pop(next(iter(_BUILT)))
+        _BUILT[key] = _make_spec_model(reg)
+    return _BUILT[key]
+
+
+def _make_spec_model(reg: Registry) -> type[BaseModel]:
     backbone = _union(_section_models(reg, "backbone"), "backbone")
     method = _union(
         _section_models(reg, "method", {

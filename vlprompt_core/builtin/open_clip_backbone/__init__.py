@@ -27,6 +27,7 @@ from pathlib import Path
 from ... import hookimpl
 from ...api import BackboneEntry
 from .backbone import OpenClipBackbone
+from .configs import tokenizer
 from .options import EMBEDDED_CONFIG, EMBEDDED_MODEL, EMBEDDED_WEIGHTS, OPENAI_MEAN, OPENAI_STD, OpenClipOptions
 from .properties import open_clip_info
 from .pretrained import REACH_TIMEOUT, _cached_weights, _create_open_clip_model, check_open_clip
@@ -41,10 +42,8 @@ __all__ = [
 
 
 def build_open_clip(opts: OpenClipOptions) -> OpenClipBackbone:
-    import open_clip
-
     model, tokenizer_name = _create_open_clip_model(opts)
-    return OpenClipBackbone(model, open_clip.get_tokenizer(tokenizer_name), name=Path(opts.model).stem)
+    return OpenClipBackbone(model, tokenizer(tokenizer_name), name=Path(opts.model).stem)
 
 
 @hookimpl

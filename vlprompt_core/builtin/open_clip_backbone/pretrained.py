@@ -25,6 +25,7 @@ from torch import nn
 from ...data import expand_user
 from ...errors import UserError
 from .checkpoints import _first_line, _is_torchscript, _load_openai_model, _refused
+from .configs import register_model_config
 from .options import EMBEDDED_CONFIG, EMBEDDED_MODEL, EMBEDDED_WEIGHTS, OpenClipOptions
 
 # ------------------------------------------------------------ pretrained tags
@@ -197,8 +198,7 @@ def _create_open_clip_model(opts: OpenClipOptions) -> tuple[nn.Module, str]:
     config = _model_config(opts)
     model_name = opts.model
     if config is not None:
-        open_clip.add_model_config(config)
-        model_name = config.stem
+        model_name = register_model_config(config)
 
     pretrained = str(EMBEDDED_WEIGHTS) if opts.pretrained == "embedded" else opts.pretrained
     path = _checkpoint_path(opts)

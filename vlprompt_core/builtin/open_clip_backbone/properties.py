@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ...api import BackboneInfo
 from .checkpoints import _is_torchscript, _load_tensors, _torchscript_state_dict
+from .configs import register_model_config
 from .options import OpenClipOptions
 from .pretrained import _checkpoint_path, _model_config, check_open_clip
 from .tokens import open_clip_text_context
@@ -32,8 +33,7 @@ def open_clip_info(opts: OpenClipOptions) -> BackboneInfo | None:
         name = opts.model
         config = _model_config(opts)
         if config is not None:
-            open_clip.add_model_config(config)  # as making the model does
-            name = config.stem
+            name = register_model_config(config)  # as making the model does
         info = _config_info(name, open_clip.get_model_config(name) or {})
     counted = open_clip_text_context(opts)
     if counted is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
+from . import configs
 from .checkpoints import _is_torchscript
 from .options import OpenClipOptions
 from .pretrained import _checkpoint_path, _model_config, check_open_clip
@@ -17,9 +18,7 @@ OPENAI_TOKENIZER, OPENAI_CONTEXT = "ViT-B-32", 77
 
 @functools.lru_cache(maxsize=8)
 def _encoder(name: str) -> Callable[[str], list[int]] | None:
-    import open_clip
-
-    tokenizer = open_clip.get_tokenizer(name)
+    tokenizer = configs.tokenizer(name)
     return getattr(getattr(tokenizer, "tokenizer", tokenizer), "encode", None)
 
 
@@ -38,8 +37,7 @@ def open_clip_text_context(opts: OpenClipOptions) -> tuple[Callable[[str], int],
         name = opts.model
         config = _model_config(opts)
         if config is not None:
-            open_clip.add_model_config(config)  # as making the model does
-            name = config.stem
+            name = configs.register_model_config(config)  # as making the model does
         text_cfg = (open_clip.get_model_config(name) or {}).get("text_cfg")
         if not text_cfg or text_cfg.get("hf_tokenizer_name"):
             return None
