@@ -3,16 +3,17 @@
 One file per concern, read top-down:
 
 * :mod:`.run` — :class:`Engine`, the run: which (method, seed) pairs, in what order,
-  skipped when done, recorded as they finish;
+  skipped when done, recorded as they finish; :mod:`.pair` — one pair built, trained
+  and scored, with what it cost;
 * :mod:`.record` — ``results.json`` and the few-shot samples, kept and moved aside;
 * :mod:`.fit` — the training loop of one pair; :mod:`.optim` — what trains and how;
 * :mod:`.evaluate` — scoring; :mod:`.batches` — what a method is given;
   :mod:`.extract` — frozen image features, once per run;
 * :mod:`.checkpoints` — a pair's prompts and training state;
 * :mod:`.context` — what every part shares (device, output, progress, features);
-* :mod:`.distributed` — the processes a run is spread over (``torchrun``): the
-  :class:`~.distributed.Strategy` the loops ask to split batches, sum gradients and
-  let the main process alone write;
+* :mod:`.strategy` — what the loops ask of the processes a run is spread over (split
+  batches, sum gradients, let the main process alone write), answered for one process;
+  :mod:`.distributed` — the same answered for the processes of ``torchrun``;
   :mod:`.faults` — what happens when a pair, a plug-in or a logger fails.
 """
 

@@ -22,7 +22,7 @@ from ..features import FeatureStore
 from ..plugins import Registry
 from ..settings import device_type, resolve_precision
 from . import faults
-from .distributed import Strategy
+from .strategy import Strategy
 
 
 @dataclass

@@ -21,15 +21,13 @@ from typing import Any
 
 import torch
 
-from .. import __version__, textbook
-from ..api import BackboneInfo, ContractError, EvalSet, PromptMethod, ProtocolContext
-from ..cost import PeakMemory
+from .. import __version__
+from ..api import BackboneInfo, EvalSet, PromptMethod, ProtocolContext
 from ..data import check_dataset, check_plan, data_fingerprint
 from ..errors import StorageError, UserError, storage_problem
 from ..features import FeatureStore
 from ..lock import FolderLock
 from ..plugins import Registry
-from ..prompting import text_chunking
 from ..recipes import ResolvedMethod, backbone_info
 from ..results import aggregate, aggregate_cost, markdown_table, package_versions
 from ..settings import TrainSpec
@@ -38,11 +36,10 @@ from . import distributed
 from . import record as rec
 from .checkpoints import PairFiles
 from .context import ProgressReporter, RunContext, resolve_device, set_seed
-from .distributed import Strategy
 from .evaluate import evaluate
 from .faults import PairFailed, PluginError, interruption
-from .fit import train_pair
-from .optim import learned_tensors, trainable_parameters
+from .pair import run_pair
+from .strategy import Strategy
 
 
 @dataclass
@@ -247,8 +244,8 @@ class Engine:
                 source = sources.get((m.label, seed)) if sources is not None else None
                 files = PairFiles.of(self.output, m, seed)
                 try:
-                    result = ctx.plugin_call("method", m.name, f"{m.label} seed {seed}", lambda: self.run_one(
-                        m, seed, backbone, plan, key, files, source, scoring_only=sources is not None))
+                    result = ctx.plugin_call("method", m.name, f"{m.label} seed {seed}", lambda: run_pair(
+                        ctx, m, seed, backbone, plan, key, files, source, scoring_only=sources is not None))
                 except (PairFailed, PluginError) as exc:
                     if isinstance(exc, PluginError) and self.dist.world_size > 1:
                         raise  # it may be this process's alone: the others cannot go on without it
@@ -287,61 +284,3 @@ class Engine:
             raise UserError(f"train.kernels: {info.get('error') or 'the Triton kernels cannot run here'}")
         self.log(f"kernels: {info['backend']} on {info['device']} ({info['reason']})")
         return info
-
-    def run_one(self, m: ResolvedMethod, seed: int, backbone, plan, key: str, files: PairFiles, source=None,
-                scoring_only: bool = False) -> dict:
-        """Train (or load) and score one (method, seed) pair; its result with what it cost."""
-        with PeakMemory(self.device) as peak:
-            result = self._pair(m, seed, backbone, plan, key, files, source, scoring_only)
-        result["cost"].update(peak_memory_mb=round(self.dist.max(peak.mb), 1), memory=peak.kind)
-        if self.dist.distributed:  # the largest of the processes' peaks
-            result["cost"]["processes"] = self.dist.world_size
-        return result
-
-    def _pair(self, m: ResolvedMethod, seed: int, backbone, plan, key: str, files: PairFiles, source,
-              scoring_only: bool) -> dict:
-        settings, label = m.train, f"{m.label} seed {seed}"
-        entry = self.registry.get("method", m.name)
-        set_seed(seed)
-        tb = time.perf_counter()
-        method: PromptMethod = entry.make(backbone, plan.classes, m.used).to(self.device)
-        times = {"build": time.perf_counter() - tb}
-        params, learned = trainable_parameters(method), learned_tensors(method)
-        if learned and not entry.trains:
-            raise ContractError(f"{type(method).__name__} has trainable parameters or fitted tensors "
-                                f"({', '.join(learned)}) but its entry says it does not train (MethodEntry.trains=False)")
-        epochs_log: list[dict] = []
-        trained = 0  # images through a training step in this process
-        checkpoint = None
-        with text_chunking(0 if textbook.active() else settings.text_chunk):
-            tt = time.perf_counter()
-            if scoring_only and learned:
-                if source is None:
-                    raise UserError(f"{label}: no trained checkpoint for it in the results folder given")
-                files.load_into(method, source[0])
-                self.log(f"{label}: scoring the prompts of {source[0]}")
-            elif method.fitted_tensors() or (params and settings.epochs > 0):
-                checkpoint = files.checkpoint
-                epochs_log, trained = train_pair(m.label, seed, method, plan, settings, files, self.ctx)
-            times["train"] = time.perf_counter() - tt
-            te = time.perf_counter()
-            accuracy = {e.name: evaluate(label, method, e, settings, self.ctx) for e in plan.evals}
-            times["eval"] = time.perf_counter() - te
-        times["total"] = sum(times.values())
-        scored = sum(len(e.items) for e in plan.evals)
-        result = {
-            "method": m.label, "name": m.name, "key": key, "seed": seed,
-            "accuracy": accuracy,
-            "checkpoint": str(checkpoint) if checkpoint else None,
-            "epochs": epochs_log,
-            "cost": {
-                "time_s": times,
-                "train_images_per_s": trained / times["train"] if trained else None,
-                "eval_images_per_s": scored / times["eval"] if times["eval"] > 0 else None,
-                "trainable_parameters": sum(p.numel() for p in params.values()),
-            },
-        }
-        if scoring_only and learned:
-            result["checkpoint_from"] = str(source[0])
-        return result
-
