@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -144,7 +141,12 @@ def test_recipe_by_protocol_and_dataset():
     assert train["epochs"] == 200 and options["ref_weight"] == 1.0 and options["templates"] == ["a texture of {}."]
 
 
-def test_a_resnet_backbone_is_one_clear_line(tmp_path):
+def test_a_resnet_backbone_is_one_clear_line(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import vlprompt_core.plugins as plugins
+    from vlprompt_core.cli import app
+
     world = make_world(tmp_path)
     cfg = tmp_path / "tiny_rn.json"
     cfg.write_text(json.dumps({
@@ -158,13 +160,15 @@ def test_a_resnet_backbone_is_one_clear_line(tmp_path):
         "protocol": {"name": "few_shot", "shots": 1}, "train": {"epochs": 1, "seeds": [1]},
         "output": str(tmp_path / "out"),
     }))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", VLPROMPT_DATASETS_SPEC=str(world["specs"]))
-    proc = subprocess.run([sys.executable, "-m", "vlprompt_core.cli", "run", str(spec)], capture_output=True,
-                          text=True, env=env)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    monkeypatch.setenv("VLPROMPT_DATASETS_SPEC", str(world["specs"]))
+    monkeypatch.setattr(plugins, "_REGISTRY", None)  # the plug-ins as `vlprompt run` finds them, toy datasets too
+    result = CliRunner().invoke(app, ["run", str(spec)], prog_name="vlprompt")
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)  # no traceback
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {spec}: method 'provp' (provp) needs a ViT image tower (visual prompts go into its "
                       "blocks); backbone tiny_rn has none"]  # told by validate, before anything loads
+    assert not (tmp_path / "out").exists()
     with pytest.raises(UserError, match="needs a ViT"):
         from vlprompt_core.builtin.open_clip_backbone import OpenClipOptions, build_open_clip
 
