@@ -11,6 +11,8 @@ readable spec file. The ``vlprompt_datasets`` hook that registers them lives in
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import logging
 import os
@@ -19,7 +21,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import yaml
 from pydantic import Field, ValidationError, field_validator
@@ -260,6 +262,13 @@ def _make_spec_dataset(spec: DatasetSpecFile, path: Path | None = None) -> Datas
                         classes=lambda opts: spec_classes(spec, opts.templates, opts.ensemble))
 
 
+@functools.lru_cache(maxsize=256)
+def _parsed(text: str) -> Any:
+    """The YAML of a spec file, parsed once per content in a process (every registry build
+    reads every spec file, and the YAML parser was most of its cost); callers copy it."""
+    return load_yaml(text)
+
+
 def read_spec_files() -> tuple[list[DatasetEntry], list[str]]:
     """Every readable spec file as a dataset; problems with a file are returned, not raised."""
     specs: dict[str, tuple[DatasetSpecFile, Path]] = {}
@@ -267,7 +276,7 @@ def read_spec_files() -> tuple[list[DatasetEntry], list[str]]:
     for d in spec_dirs():
         for path in sorted(d.glob("*.yaml")):
             try:
-                spec = DatasetSpecFile.model_validate(load_yaml(path.read_text()))
+                spec = DatasetSpecFile.model_validate(copy.deepcopy(_parsed(path.read_text())))
             except yaml.YAMLError as exc:
                 problems.append(f"{path}: {yaml_problem(exc)}")
                 continue
