@@ -15,13 +15,16 @@
   :func:`replace_slots`, :func:`deep_prompts`, :func:`prompt_depth`.
 * :func:`class_text_features` — frozen hand-crafted class features (one template
   or an ensemble), as zero-shot CLIP and methods' priors use them.
+* fitted class names (:mod:`~vlprompt_core.prompting.fitted_names`): :func:`names_tensor` and
+  :func:`names_of` keep the names a method was fitted on in a checkpoint; :func:`rows_by_name`
+  finds the fitted rows of the classes asked for, refusing others in the caller's words.
 * :func:`prompt_length_problem` — the one rule for a prompt longer than the text
   context (refused, naming the class), which every prompt above follows.
 
 Image-independent features are cached per evaluation with
 :meth:`vlprompt_core.api.PromptMethod.cached`.
 
-The machinery lives in five modules, all of it importable from here:
+The machinery lives in six modules, all of it importable from here:
 
 * :mod:`~vlprompt_core.prompting.handcrafted` — hand-written templates
   (:func:`templates_for`, :func:`check_templates`, :data:`TemplateChoice`) and
@@ -33,6 +36,8 @@ The machinery lives in five modules, all of it importable from here:
 * :mod:`~vlprompt_core.prompting.deep` — deep prompts, shared by MaPLe-like methods.
 * :mod:`~vlprompt_core.prompting.sharding` — the text pass sharded over classes across the
   processes of a distributed run (:func:`shard_classes`, :func:`sharded_over_classes`).
+* :mod:`~vlprompt_core.prompting.fitted_names` — the class names a method was fitted on
+  (:func:`names_tensor`, :func:`names_of`, :func:`rows_by_name`).
 
 Settings are read where they are defined: patch ``AUTO_CHUNK_BUDGET`` on
 :mod:`~vlprompt_core.prompting.chunking`, not on this package.
@@ -58,6 +63,7 @@ from .handcrafted import (
     templates_for,
 )
 from .sharding import current_class_sharding, shard_classes, sharded_over_classes
+from .fitted_names import names_of, names_tensor, rows_by_name
 from .deep import append_prompts, deep_prompts, prompt_depth, replace_slots, text_prompt_hook, vision_prompt_hook
 from .learned import (
     CLASS_NAME,
@@ -87,10 +93,13 @@ __all__ = [
     "init_context",
     "leading_words",
     "leading_words_problem",
+    "names_of",
+    "names_tensor",
     "append_prompts",
     "deep_prompts",
     "prompt_depth",
     "replace_slots",
+    "rows_by_name",
     "text_prompt_hook",
     "vision_prompt_hook",
     "prompt_length_problem",

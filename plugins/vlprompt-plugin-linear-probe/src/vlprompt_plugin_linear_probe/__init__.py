@@ -16,9 +16,7 @@ buffer (``weight``, ``bias``, ``C``, ``class_names``). It scores the classes it 
 
 from __future__ import annotations
 
-import json
 import warnings
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -37,6 +35,7 @@ from vlprompt_core.api import (
     PromptMethod,
 )
 from vlprompt_core.errors import UserError
+from vlprompt_core.prompting import names_of, names_tensor, rows_by_name
 from vlprompt_core.recipes import Recipe
 
 #: The coarse grid of C (``search_list`` of lpclip/linear_probe.py), weakest regularisation first.
@@ -124,34 +123,14 @@ def _listed(names: list[str]) -> str:
     return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
-def _encode_names(names: list[str]) -> torch.Tensor:
-    return torch.tensor(list(json.dumps(list(names)).encode()), dtype=torch.uint8)
-
-
-def _decode_names(tensor: torch.Tensor) -> list[str]:
-    return json.loads(bytes(tensor.cpu().tolist()).decode())
-
-
 def rows_of(names: list[str], fitted: list[str]) -> list[int]:
     """The classifier row of each of ``names`` among the ``fitted`` classes' (in any order, or
     some of them); a name the fitted classes repeat (ImageNet's 'missile', labels 657 and 744)
     takes its rows in order. A name not among them is a one-line :class:`UserError`."""
-    if names == fitted:
-        return list(range(len(fitted)))
-    where: dict[str, list[int]] = defaultdict(list)
-    for row, name in enumerate(fitted):
-        where[name].append(row)
-    unknown = list(dict.fromkeys(n for n in names if n not in where))
-    if unknown:
-        raise UserError(f"{_listed(unknown)} {'is' if len(unknown) == 1 else 'are'} not among the {len(fitted)} "
-                        "classes it was fitted on: a linear probe has weights for those classes only (base-to-novel's "
-                        "novel classes and another dataset's need a method that reads class names)")
-    rows, seen = [], defaultdict(int)
-    for name in names:
-        found = where[name]
-        rows.append(found[min(seen[name], len(found) - 1)])
-        seen[name] += 1
-    return rows
+    return rows_by_name(names, fitted, lambda unknown: (
+        f"{_listed(unknown)} {'is' if len(unknown) == 1 else 'are'} not among the {len(fitted)} classes it was "
+        "fitted on: a linear probe has weights for those classes only (base-to-novel's novel classes and another "
+        "dataset's need a method that reads class names)"))
 
 
 class LinearProbe(PromptMethod):
@@ -172,14 +151,14 @@ class LinearProbe(PromptMethod):
         self.register_fitted("weight", torch.zeros(len(classes), backbone.embed_dim))
         self.register_fitted("bias", torch.zeros(len(classes)))
         self.register_fitted("C", torch.zeros((), dtype=torch.float64))
-        self.register_fitted("class_names", _encode_names(classes.names))
+        self.register_fitted("class_names", names_tensor(classes.names))
         #: ``(C, validation images right)`` of every fit the last search scored, in order (not saved).
         self.search: list[tuple[float, float]] = []
         self.set_classes(classes)
 
     def fitted_names(self) -> list[str]:
         """The names of the classes the classifier's rows belong to."""
-        return _decode_names(self.class_names)
+        return names_of(self.class_names)
 
     def set_classes(self, classes: ClassSet) -> None:
         """The classes it was fitted on, in any order, or some of them (e.g. ImageNet-A's 200 of
@@ -237,7 +216,7 @@ class LinearProbe(PromptMethod):
         self.weight = torch.as_tensor(weight, dtype=torch.float32).to(device)
         self.bias = torch.as_tensor(bias, dtype=torch.float32).to(device)
         self.C = torch.tensor(chosen, dtype=torch.float64, device=device)
-        self.class_names = _encode_names(names).to(self.class_names.device)
+        self.class_names = names_tensor(names).to(self.class_names.device)
         self.set_classes(data.classes)
 
     def after_training(self, data: FrozenData) -> None:

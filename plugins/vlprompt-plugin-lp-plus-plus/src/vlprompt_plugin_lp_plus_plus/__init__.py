@@ -20,8 +20,6 @@ has no trainable parameters.
 
 from __future__ import annotations
 
-import json
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,8 +30,15 @@ from torch import nn
 
 from vlprompt_core import hookimpl
 from vlprompt_core.api import Batch, ClassSet, FrozenData, MethodEntry, MethodOutput, Options, PromptMethod
-from vlprompt_core.errors import UserError
-from vlprompt_core.prompting import TemplateChoice, check_templates, class_text_features, templates_for
+from vlprompt_core.prompting import (
+    TemplateChoice,
+    check_templates,
+    class_text_features,
+    names_of,
+    names_tensor,
+    rows_by_name,
+    templates_for,
+)
 from vlprompt_core.recipes import Recipe, RecipeRule
 from vlprompt_kernels import cosine_logits
 
@@ -177,14 +182,6 @@ def fit_lp_plus_plus(
 # ------------------------------------------------------------------------------ the method
 
 
-def _encode_names(names: list[str]) -> torch.Tensor:
-    return torch.tensor(list(json.dumps(list(names)).encode()), dtype=torch.uint8)
-
-
-def _decode_names(tensor: torch.Tensor) -> list[str]:
-    return json.loads(bytes(tensor.cpu().tolist()).decode())
-
-
 class LPPlusPlus(PromptMethod):
     """LP++ on frozen image features; see the module docstring.
 
@@ -204,7 +201,7 @@ class LPPlusPlus(PromptMethod):
         self.register_fitted("bias", torch.zeros(n_classes))
         self.register_fitted("alpha", torch.ones(n_classes))
         self.register_fitted("text", text)
-        self.register_fitted("class_names", _encode_names(classes.names))
+        self.register_fitted("class_names", names_tensor(classes.names))
         self.last_fit: LPPlusPlusFit | None = None
         self.set_classes(classes)
 
@@ -218,33 +215,25 @@ class LPPlusPlus(PromptMethod):
 
     def fitted_names(self) -> list[str]:
         """The names of the classes the classifier's rows belong to."""
-        return _decode_names(self.class_names)
+        return names_of(self.class_names)
 
     def _rows(self, names: list[str]) -> list[int]:
+        """The fitted row of each of ``names`` (see :func:`~vlprompt_core.prompting.rows_by_name`:
+        a repeated name takes its rows in order, as ImageNet names two classes twice)."""
         fitted = self.fitted_names()
-        if list(names) == fitted:
-            return list(range(len(fitted)))
-        where: dict[str, list[int]] = defaultdict(list)
-        for row, name in enumerate(fitted):
-            where[name].append(row)
-        missing = list(dict.fromkeys(n for n in names if n not in where))
-        if missing:
+
+        def refuse(missing: list[str]) -> str:
             shown = ", ".join(repr(n) for n in missing[:3]) + (", ..." if len(missing) > 3 else "")
-            raise UserError(
-                f"lp_plus_plus cannot score classes it was not fitted on: {shown} ({len(missing)} of "
-                f"{len(names)}); LP++ learns a visual prototype and a blending weight for each of its "
-                f"{len(fitted)} training classes from their images, so it scores those (or some of them) only, "
-                "not base-to-novel's novel classes nor another dataset's")
-        rows, seen = [], defaultdict(int)
-        for name in names:  # a repeated name takes its rows in order (ImageNet names two classes twice)
-            found = where[name]
-            rows.append(found[min(seen[name], len(found) - 1)])
-            seen[name] += 1
-        return rows
+            return (f"lp_plus_plus cannot score classes it was not fitted on: {shown} ({len(missing)} of "
+                    f"{len(names)}); LP++ learns a visual prototype and a blending weight for each of its "
+                    f"{len(fitted)} training classes from their images, so it scores those (or some of them) only, "
+                    "not base-to-novel's novel classes nor another dataset's")
+
+        return rows_by_name(names, fitted, refuse)
 
     def set_classes(self, classes: ClassSet) -> None:
         """Score ``classes``: the fitted classes (any order, or some of them), by name;
-        other names are a :class:`UserError`."""
+        other names are a :class:`~vlprompt_core.errors.UserError`."""
         self._rows(list(classes.names))  # refused here, one line, when they are not the fitted ones
         self.scored = list(classes.names)
 
@@ -279,7 +268,7 @@ class LPPlusPlus(PromptMethod):
             fit = fit_lp_plus_plus(F.normalize(features.float(), dim=-1), train.labels, text, val_features,
                                    val_labels, options.iterations, options.alpha_every)
         self.weight, self.bias, self.alpha, self.text = fit.weight, fit.bias, fit.alpha, text
-        self.class_names = _encode_names(data.classes.names).to(device)
+        self.class_names = names_tensor(data.classes.names).to(device)
         self.last_fit = fit
         self.set_classes(data.classes)
 

@@ -21,8 +21,6 @@ classes it never saw the method is zero-shot CLIP.
 
 from __future__ import annotations
 
-import json
-
 import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
@@ -39,7 +37,14 @@ from vlprompt_core.api import (
     PromptMethod,
     Published,
 )
-from vlprompt_core.prompting import TemplateChoice, check_templates, class_text_features, templates_for
+from vlprompt_core.prompting import (
+    TemplateChoice,
+    check_templates,
+    class_text_features,
+    names_of,
+    names_tensor,
+    templates_for,
+)
 from vlprompt_core.recipes import Recipe, RecipeRule
 from vlprompt_kernels import cosine_logits
 
@@ -87,13 +92,11 @@ class TipAdapterOptions(Options):
         return value
 
 
-def encode_names(names: list[str]) -> torch.Tensor:
-    """Class names as a byte tensor (JSON, UTF-8), so that a checkpoint holds them."""
-    return torch.tensor(list(json.dumps(list(names)).encode("utf-8")), dtype=torch.uint8)
-
-
-def decode_names(data: torch.Tensor) -> list[str]:
-    return json.loads(bytes(data.tolist()).decode("utf-8")) if data.numel() else []
+#: Class names as a byte tensor (JSON, UTF-8), so that a checkpoint holds them: the core's
+#: :func:`~vlprompt_core.prompting.names_tensor`, exported under this name too.
+encode_names = names_tensor
+#: The names :func:`encode_names` encoded: the core's :func:`~vlprompt_core.prompting.names_of`.
+decode_names = names_of
 
 
 def _occurrences(names: list[str]) -> list[tuple[str, int]]:
@@ -128,7 +131,7 @@ class TipAdapter(PromptMethod):
         # [N, D]: unit rows (trained ones in Tip-Adapter-F); N comes from before_training
         self.register_fitted("cache_keys", nn.Parameter(placeholder) if self.trains_keys else placeholder)
         self.register_fitted("cache_labels", torch.zeros(0, dtype=torch.long, device=device))  # [N]
-        self.register_fitted("cache_classes", encode_names([]))  # the names cache_labels index
+        self.register_fitted("cache_classes", names_tensor([]))  # the names cache_labels index
         # float64: the grid's values exactly as searched (the arithmetic runs in fp32)
         self.register_fitted("alpha", self._scalar(options.init_alpha, device))
         self.register_fitted("beta", self._scalar(options.init_beta, device))
@@ -151,7 +154,7 @@ class TipAdapter(PromptMethod):
         key = (self.cache_labels, self.cache_classes, tuple(self.class_names))
         if self._values is None or any(a is not b for a, b in zip(self._values[:2], key[:2])) \
                 or self._values[2] != key[2]:
-            cols = columns_for(decode_names(self.cache_classes), self.class_names)
+            cols = columns_for(names_of(self.cache_classes), self.class_names)
             self._values = (*key, one_hot_values(self.cache_labels, cols, len(self.class_names)))
         return self._values[3]
 
@@ -183,7 +186,7 @@ class TipAdapter(PromptMethod):
         else:
             self.cache_keys = keys
         self.cache_labels = train.labels.long().to(keys.device)
-        self.cache_classes = encode_names(list(data.classes.names))
+        self.cache_classes = names_tensor(list(data.classes.names))
         self.alpha = self._scalar(self.options.init_alpha, keys.device)
         self.beta = self._scalar(self.options.init_beta, keys.device)
 
