@@ -2,11 +2,14 @@
 train what one process trains, the main process alone writes, a killed run resumes
 with another process count, and the text pass sharded over classes is the whole pass.
 
-The processes are started with ``torch.multiprocessing`` (each joins a gloo group on a
-free port); ``vlprompt run --nproc 2`` goes through ``torchrun`` itself."""
+The two-process checks share one gloo group of two processes, started once for the
+module with ``torch.multiprocessing`` (:func:`_two_processes`: the text pass, then the
+runs in turn); the one-process runs join a gloo group of the test process alone
+(:func:`one_process_group`). ``vlprompt run --nproc 2`` goes through ``torchrun`` itself."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -50,6 +53,20 @@ def _join(rank: int, processes: int, port: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=processes)
 
 
+@contextlib.contextmanager
+def one_process_group(store: Path):
+    """A gloo group of this (the test) process alone, ``store`` a new file for its
+    rendezvous; left on the way out. The engine runs in it as one process of a distributed
+    run (a seed per image, the collectives)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 class CoOpBothWays:
     """A plug-in with CoOp (its recipe too) twice: ``coop_sharded`` lets a distributed run
     shard its text pass over classes, ``coop_whole`` does not (whatever CoOp itself says)."""
@@ -75,51 +92,45 @@ def _registry(specs: str):
     return build_registry(*make_plugin_manager(extra=(("coop both ways", CoOpBothWays()),)))
 
 
-def _run_worker(rank: int, processes: int, port: int, data: dict, specs: str, report: str,
-                kill_after_saves: int | None) -> None:
-    """One process of a run of ``data``: what it wrote (renamed into place), whether it took
-    the folder's lock and its log lines go to ``report``-<rank>.json. With
-    ``kill_after_saves``, the main process kills itself (SIGKILL) right after writing its
-    n-th training state."""
+def _run_in_group(rank: int, data: dict, specs: str, report: Path, kill_after_saves: int | None = None) -> None:
+    """This process's part of a run of ``data`` (its group already joined): what it wrote
+    (renamed into place), whether it took the folder's lock and its log lines go to
+    ``report``-<rank>.json. With ``kill_after_saves``, the main process writes
+    ``report``-dying and kills itself (SIGKILL) right after writing its n-th training state."""
     import vlprompt_core.engine.checkpoints as checkpoints
     from vlprompt_core.engine import Engine
     from vlprompt_core.lock import FolderLock
     from vlprompt_core.spec import validate_spec
 
-    _join(rank, processes, port)
     seen: dict = {"writes": [], "locked": False, "logs": []}
-    replace = os.replace
+    replace, enter, save = os.replace, FolderLock.__enter__, checkpoints.save_state
 
     def recorded_replace(src, dst, *args, **kwargs):
         seen["writes"].append(str(dst))
         return replace(src, dst, *args, **kwargs)
 
-    os.replace = recorded_replace
-    enter = FolderLock.__enter__
-
     def recorded_enter(self):
         seen["locked"] = True
         return enter(self)
 
-    FolderLock.__enter__ = recorded_enter
+    saves = []
+
+    def save_then_die(*args):
+        save(*args)
+        saves.append(1)
+        if len(saves) == kill_after_saves:
+            Path(f"{report}-dying").touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    os.replace, FolderLock.__enter__ = recorded_replace, recorded_enter
     if kill_after_saves is not None and rank == 0:
-        save, saves = checkpoints.save_state, []
-
-        def save_then_die(*args):
-            save(*args)
-            saves.append(1)
-            if len(saves) == kill_after_saves:
-                os.kill(os.getpid(), signal.SIGKILL)
-
         checkpoints.save_state = save_then_die
     try:
         reg = _registry(specs)
         Engine(validate_spec(data, reg), reg, log=seen["logs"].append).run()
     finally:
+        os.replace, FolderLock.__enter__, checkpoints.save_state = replace, enter, save
         Path(f"{report}-{rank}.json").write_text(json.dumps(seen))
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
 
 
 def spec(world, output: Path, methods, **train) -> dict:
@@ -145,11 +156,35 @@ METHODS = [
 ]
 
 
-def run(world, tmp: Path, name: str, processes: int, methods=METHODS, kill_after_saves=None, **train) -> Path:
-    """A run of ``methods`` in ``processes`` processes into ``tmp/name``; its folder."""
-    out = tmp / name
-    spawn(_run_worker, processes, spec(world, out, methods, **train), str(world["specs"]), str(tmp / f"{name}-report"),
-          kill_after_saves)
+#: the methods of the run that is killed and resumed
+KILLED = [METHODS[1], METHODS[3]]
+
+
+def _two_processes(rank: int, processes: int, port: int, world: dict, tmp: str) -> None:
+    """One of the module's group of two processes: in turn the text pass whole and
+    sharded (into ``tmp``/text-<rank>.json), the run ``two`` of :data:`METHODS`, and the
+    run ``killed`` of :data:`KILLED` (a training state every step) whose main process
+    kills itself right after its third training state. That ends the group: it comes last."""
+    import torch.distributed as dist
+
+    _join(rank, processes, port)
+    tmp = Path(tmp)
+    _text_pass(rank, world["root"], tmp / "text")
+    _run_in_group(rank, spec(world, tmp / "two", METHODS), str(world["specs"]), tmp / "two-report")
+    _run_in_group(rank, spec(world, tmp / "killed", KILLED, checkpoint_every=1), str(world["specs"]),
+                  tmp / "killed-report", kill_after_saves=3)
+    dist.destroy_process_group()
+
+
+def run_here(world, out: Path, methods, logs: list | None = None, **train) -> Path:
+    """A run of ``methods`` into ``out`` in this process (distributed inside
+    :func:`one_process_group`, plain outside); its folder. Log lines to ``logs``."""
+    from vlprompt_core.engine import Engine
+    from vlprompt_core.spec import validate_spec
+
+    reg = _registry(str(world["specs"]))
+    Engine(validate_spec(spec(world, out, methods, **train), reg), reg,
+           log=(logs if logs is not None else []).append).run()
     return out
 
 
@@ -177,32 +212,38 @@ def assert_same_training(mine: dict, ref: dict, labels) -> None:
 
 @pytest.fixture(scope="module")
 def runs(world, tmp_path_factory):
-    """The same spec in two processes and in one (both distributed), and its
-    ``augment_views`` method in a plain run (no process group)."""
-    from vlprompt_core.engine import Engine
-    from vlprompt_core.spec import validate_spec
+    """The module's group of two processes (:func:`_two_processes`), then the spec of
+    ``two`` in one process (distributed) and its ``augment_views`` method in a plain run
+    (no process group). The folder, the outcomes of ``two``, ``one`` and ``plain``, and
+    the error that ended the group (its main process killed in ``killed``; None if not)."""
+    from torch.multiprocessing.spawn import ProcessException
 
     tmp = tmp_path_factory.mktemp("dist")
-    two = run(world, tmp, "two", 2)
-    one = run(world, tmp, "one", 1)
-    reg = _registry(str(world["specs"]))
-    plain = tmp / "plain"
-    Engine(validate_spec(spec(world, plain, METHODS[-1:]), reg), reg).run()
-    return tmp, outcome(two), outcome(one), outcome(plain)
+    ended = None
+    try:
+        spawn(_two_processes, 2, world, str(tmp))
+    except ProcessException as exc:
+        if not (tmp / "killed-report-dying").exists():
+            raise  # not the kill planned: a check failed or a process crashed before it
+        ended = exc
+    with one_process_group(tmp / "one-store"):
+        one = run_here(world, tmp / "one", METHODS)
+    plain = run_here(world, tmp / "plain", METHODS[-1:])
+    return tmp, outcome(tmp / "two"), outcome(one), outcome(plain), ended
 
 
 # ------------------------------------------------------------------ two processes train as one
 
 
 def test_two_processes_train_what_one_process_trains(runs):
-    _, two, one, _ = runs
+    _, two, one, _, _ = runs
     assert_same_training(two, one, [m.get("label", m["name"]) for m in METHODS])
     for label, (_, tensors, _) in two.items():  # and they trained
         assert all(torch.isfinite(t).all() for t in tensors.values()), label
 
 
 def test_the_sharded_text_pass_trains_as_the_whole_pass(runs):
-    _, two, _, _ = runs
+    _, two, _, _, _ = runs
     (acc, tensors, losses), (ref_acc, ref_tensors, ref_losses) = two["coop_sharded"], two["coop_whole"]
     assert acc == ref_acc and losses == pytest.approx(ref_losses, rel=1e-5)
     assert (tensors["ctx"] - ref_tensors["ctx"]).abs().max().item() <= 1e-5
@@ -212,7 +253,7 @@ def test_augment_views_in_two_processes_is_the_plain_run(runs):
     """Where a run draws no augmentation per image (``augment_views``: the views are drawn
     per view, the order and view choice by the data generator) two processes train what
     a plain run in one process (no process group) trains."""
-    _, two, _, plain = runs
+    _, two, _, plain, _ = runs
     assert_same_training(two, plain, ["coop_views"])
 
 
@@ -235,18 +276,17 @@ def test_only_the_main_process_writes_and_logs(runs):
                    in line for line in logs) == 1
 
 
-def test_a_killed_two_process_run_resumes_in_one_process(world, runs, tmp_path):
+def test_a_killed_two_process_run_resumes_in_one_process(world, runs):
     """Killed (SIGKILL, the main process) right after its third training state, in the
     middle of an epoch: the same spec in one process continues from that state and ends
     where the uninterrupted two-process run ended."""
-    _, two, _, _ = runs
-    methods = [METHODS[1], METHODS[3]]
-    with pytest.raises(Exception):  # noqa: B017 - the process killed
-        run(world, tmp_path, "killed", 2, methods, kill_after_saves=3, checkpoint_every=1)
-    states = list((tmp_path / "killed" / "checkpoints").glob("*.state.safetensors"))
+    tmp, two, _, _, ended = runs
+    assert ended is not None, "the two processes of run 'killed' ended without the kill"
+    states = list((tmp / "killed" / "checkpoints").glob("*.state.safetensors"))
     assert len(states) == 1
-    resumed = run(world, tmp_path, "killed", 1, methods, checkpoint_every=1)
-    logs = report(tmp_path, "killed", 0)["logs"]
+    logs: list[str] = []
+    with one_process_group(tmp / "resumed-store"):
+        resumed = run_here(world, tmp / "killed", KILLED, logs, checkpoint_every=1)
     assert any("resuming after step 1 of epoch 2 of 2" in line for line in logs), logs
     assert_same_training(outcome(resumed), two, ["coop_sharded", "vpt_deep"])
 
@@ -254,17 +294,16 @@ def test_a_killed_two_process_run_resumes_in_one_process(world, runs, tmp_path):
 # ------------------------------------------------------------------ the sharded text pass
 
 
-def _text_pass_worker(rank: int, processes: int, port: int, root: str, report: str) -> None:
+def _text_pass(rank: int, root: Path, report: Path) -> None:
     """The text pass of 5 classes, whole and sharded over the processes (shared context,
     class-specific context; in one pass and in chunks of 2): the largest differences of
     the features and of the context's gradient (each process's loss weighted by a share,
-    the gradients summed, as the engine does)."""
+    the gradients summed, as the engine does) into ``report``-<rank>.json (its group joined)."""
     from vlprompt_core.engine.distributed import Distributed
     from vlprompt_core.errors import UserError
     from vlprompt_core.prompting import PromptTable, PromptTemplate, sharded_over_classes, text_chunking
     from vlprompt_core.testing import tiny_backbone
 
-    _join(rank, processes, port)
     strategy = Distributed()
     backbone = tiny_backbone(Path(root)).requires_grad_(False)
     names = ["red", "green", "blue", "yellow", "purple"]
@@ -294,15 +333,12 @@ def _text_pass_worker(rank: int, processes: int, port: int, root: str, report: s
     except UserError as exc:
         out["refused"] = str(exc)
     Path(f"{report}-{rank}.json").write_text(json.dumps(out))
-    import torch.distributed as dist
-
-    dist.destroy_process_group()
 
 
-def test_the_class_sharded_text_pass_equals_the_whole_pass(world, tmp_path):
-    spawn(_text_pass_worker, 2, str(world["root"]), str(tmp_path / "text"))
+def test_the_class_sharded_text_pass_equals_the_whole_pass(runs):
+    tmp, *_ = runs
     for rank in range(2):
-        found = json.loads((tmp_path / f"text-{rank}.json").read_text())
+        found = json.loads((tmp / f"text-{rank}.json").read_text())
         assert "cannot be shared by 2 processes" in found.pop("refused")
         for case, (features, grad, scale) in found.items():
             assert features <= 1e-5, case
@@ -371,18 +407,21 @@ def test_the_single_process_strategy_changes_nothing():
 
 
 @pytest.mark.slow  # torchrun and two processes of `vlprompt run`
-def test_vlprompt_run_nproc_launches_torchrun(world, tmp_path):
-    import subprocess
-    import sys
+def test_vlprompt_run_nproc_launches_torchrun(world, tmp_path, capfd):
+    """``vlprompt run --nproc 2`` (called in this process: what it launches are the
+    processes that matter) starts torchrun, whose two processes run the spec together; what
+    they print goes to this process's stdout and stderr (file descriptors 1 and 2)."""
+    from test_cli import vlprompt
 
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(spec(world, tmp_path / "out", [{"name": "coop", "n_ctx": 2}], epochs=1)))
-    env = dict(os.environ, VLPROMPT_DATASETS_SPEC=str(world["specs"]), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    done = subprocess.run([sys.executable, "-m", "vlprompt_core.cli", "run", str(spec_file), "--nproc", "2"],
-                          capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stderr
-    assert "distributed: 2 process(es) (gloo)" in done.stderr
-    assert "coop" in done.stdout and "results:" in done.stdout
+    capfd.readouterr()
+    done = vlprompt("run", str(spec_file), "--nproc", "2", env_extra={"VLPROMPT_DATASETS_SPEC": str(world["specs"])})
+    launched = capfd.readouterr()
+    stdout, stderr = done.stdout + launched.out, done.stderr + launched.err
+    assert done.returncode == 0, stderr
+    assert "distributed: 2 process(es) (gloo)" in stderr
+    assert "coop" in stdout and "results:" in stdout
     record = json.loads((tmp_path / "out" / "results.json").read_text())
     assert record["status"] == "complete" and record["processes"] == 2
     assert not list((tmp_path / "out" / "checkpoints").glob("*.state.safetensors"))

@@ -33,12 +33,15 @@ from vlprompt_core.spec import validate_spec
 
 
 def spec(output: Path, methods: list[dict], protocol: dict) -> dict:
+    """A run on the embedded world; its test features kept in a feature cache beside
+    ``output`` (the runs of the module and ``eval`` share them: they are computed once)."""
     return {
         "backbone": {"name": "open_clip", "model": "vlprompt_tiny", "pretrained": "embedded"},
         "method": methods,
         "dataset": {"name": "embedded_objects_closeup"},
         "protocol": protocol,
-        "train": {"epochs": 2, "batch_size": 32, "crop_scale": [0.8, 1.0], "seeds": [1], "device": "cpu"},
+        "train": {"epochs": 2, "batch_size": 32, "crop_scale": [0.8, 1.0], "seeds": [1], "device": "cpu",
+                  "feature_cache": str(output.parent / "feature-cache")},
         "output": str(output),
     }
 

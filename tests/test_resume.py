@@ -3,13 +3,14 @@ nothing of other settings is overwritten; prompts are scored again without train
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
 import yaml
 
-from test_cli import vlprompt, vlprompt_process
-from test_plugins import THIRD_PARTY, env_with, install_fake_distribution
+from test_cli import vlprompt
+from test_plugins import THIRD_PARTY, env_with, install_fake_distribution, site  # noqa: F401 - a fixture
 from vlprompt_core.engine import Engine
 from vlprompt_core.errors import UserError
 from vlprompt_core.spec import validate_spec
@@ -33,7 +34,11 @@ def run(registry, data, logs=None, **kw):
                   log=lambda line: line.startswith("kernels:") or sink.append(line)).run(**kw)
 
 
-def test_installing_a_plugin_then_rerunning_method_all_trains_only_it(world, tmp_path):
+def test_installing_a_plugin_then_rerunning_method_all_trains_only_it(world, tmp_path, site):  # noqa: F811
+    """``method: all`` run, then a plug-in installed (into ``site``, an empty folder on the
+    import path so far) and the same command again: it trains the new method alone. Both
+    runs are called in this process, each with the registry built again, as a fresh
+    process builds it (``vlprompt``)."""
     spec = tmp_path / "all.yaml"
     spec.write_text(yaml.safe_dump(spec_data(world, tmp_path / "out", "all")))
     env = {"VLPROMPT_DATASETS_SPEC": str(world["specs"])}
@@ -44,13 +49,11 @@ def test_installing_a_plugin_then_rerunning_method_all_trains_only_it(world, tmp
     assert "coop" in trained and "bias" not in trained
     ckpts = {p.name: p.read_bytes() for p in (tmp_path / "out" / "checkpoints").iterdir()}
 
-    site = tmp_path / "site"
-    site.mkdir()
     install_fake_distribution(site, "vlprompt-plugin-bias", "vlprompt_plugin_bias", THIRD_PARTY,
                               {"bias": "vlprompt_plugin_bias"})
+    importlib.invalidate_caches()  # the new files are seen
     events = tmp_path / "events.jsonl"
-    # a process of its own: one that sees the plug-in installed (on its PYTHONPATH)
-    second = vlprompt_process("run", str(spec), env_extra={**env_with(site, world), "BIAS_EVENTS": str(events)})
+    second = vlprompt("run", str(spec), env_extra={**env_with(site, world), "BIAS_EVENTS": str(events)})
     assert second.returncode == 0, second.stderr
     after = json.loads((tmp_path / "out" / "results.json").read_text())
     for label in trained:

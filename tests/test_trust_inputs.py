@@ -6,6 +6,7 @@ fails its integrity check (checksum, rows, labels) is computed again and replace
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -65,7 +66,14 @@ class Scales:
 
 
 def registry(world):
+    """The registry with the toy methods and the test datasets: built once per world for
+    the module (it holds what is registered, nothing of a run)."""
     os.environ["VLPROMPT_DATASETS_SPEC"] = str(world["specs"])
+    return _registry(str(world["specs"]))
+
+
+@functools.cache
+def _registry(specs: str):
     return build_registry(*make_plugin_manager(extra=(("toys", Toys()), ("scales", Scales()))))
 
 
