@@ -3,12 +3,15 @@ split-file dataset with a tiny open_clip model, and what users see on mistakes."
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -96,6 +99,118 @@ def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
     """Wait for a process of :func:`start_vlprompt_process`; what it printed, its exit code."""
     stdout, stderr = proc.communicate()
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+#: What the fork server (:func:`start_forked_python`) imports once, for every process it
+#: forks; the installed plug-ins' modules too.
+FORK_PRELOAD = ["torch", "open_clip", "vlprompt_kernels", "vlprompt_core.cli", "vlprompt_core.plugins", "test_cli"]
+
+
+def _fork_preload() -> list[str]:
+    from importlib.metadata import entry_points
+
+    from vlprompt_core.plugins import ENTRY_POINT_GROUP
+
+    return FORK_PRELOAD + sorted({ep.module for ep in entry_points(group=ENTRY_POINT_GROUP)})
+
+
+def start_forked_python(code: str, env: dict[str, str], cwd: Path | None = None) -> ForkedProcess:
+    """``python -c CODE`` as a process of its own (a pid to signal, kill -9 or wait for;
+    output to pipes), with exactly the environment ``env``, in ``cwd``, but forked from a
+    server that has imported torch, vlprompt and its plug-ins once (:data:`FORK_PRELOAD`; started with
+    the first call, one per test process) instead of starting Python and importing them
+    again (~2 CPU s each time). As in a fresh process, nothing has run but imports: the
+    modules imported saw this process's environment (``OMP_NUM_THREADS``, ``HF_HUB_OFFLINE``
+    and ``TRITON_INTERPRET`` as ``conftest.py`` sets them); the code sees ``env``. Its exit
+    code is what ``sys.exit`` gave (1 after an uncaught exception, its traceback on
+    stderr), ``-N`` when signal N ended it, as :class:`subprocess.Popen` says."""
+    import multiprocessing
+    from multiprocessing.connection import Connection
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(_fork_preload())  # read when the server starts: the first call
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    ends = Connection(out_w, readable=False), Connection(err_w, readable=False)  # sent to the fork
+    # not a daemon: a run may start worker processes of its own (a parallel sweep)
+    process = context.Process(target=_forked_main, args=(code, dict(env), str(cwd) if cwd else None, *ends))
+    try:
+        process.start()
+    finally:
+        for end in ends:
+            end.close()  # the forked process holds its own copies
+    forked = ForkedProcess(process, os.fdopen(out_r), os.fdopen(err_r))
+    _FORKED.append(forked)
+    return forked
+
+
+def _forked_main(code: str, env: dict, cwd: str | None, stdout, stderr) -> None:
+    """In the forked process: its output to the pipes, its environment, folder and
+    ``sys.argv`` as ``python -c CODE`` would have them, then the code."""
+    os.dup2(stdout.fileno(), 1)
+    os.dup2(stderr.fileno(), 2)
+    stdout.close()
+    stderr.close()
+    os.environ.clear()
+    os.environ.update(env)
+    if cwd is not None:
+        os.chdir(cwd)
+    sys.argv = ["-c"]
+    main = sys.modules["__main__"] = types.ModuleType("__main__")  # as -c has it: no file, no spec
+    main.__spec__ = None
+    exec(compile(code, "<string>", "exec"), main.__dict__)
+
+
+class ForkedProcess:
+    """A process of :func:`start_forked_python`, used as a :class:`subprocess.Popen`
+    (text output): ``pid``, ``stdout``, ``stderr``, ``returncode``, ``poll``, ``wait``,
+    ``send_signal``, ``communicate``."""
+
+    def __init__(self, process, stdout, stderr):
+        self._process = process
+        self.pid = process.pid
+        self.stdout, self.stderr = stdout, stderr
+        self.returncode = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and not self._process.is_alive():
+            self.returncode = self._process.exitcode
+        return self.returncode
+
+    def wait(self) -> int:
+        self._process.join()
+        return self.poll()
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def communicate(self) -> tuple[str, str]:
+        """The rest of its output (both pipes read at once), once it has ended."""
+        import threading
+
+        err: list[str] = []
+        reader = threading.Thread(target=lambda: err.append(self.stderr.read()))
+        reader.start()
+        out = self.stdout.read()
+        reader.join()
+        self.stdout.close()
+        self.stderr.close()
+        self.wait()
+        return out, err[0]
+
+
+_FORKED: list[ForkedProcess] = []
+
+
+@atexit.register
+def _kill_forked_left_running() -> None:
+    """Processes a failed test left running are killed as this process exits (else
+    multiprocessing would wait for them)."""
+    for forked in _FORKED:
+        if forked.poll() is None:
+            os.kill(forked.pid, signal.SIGKILL)
+            forked.wait()
 
 
 def write_spec(path: Path, world, protocol: dict, method=None, **extra) -> Path:

@@ -18,7 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from test_cli import vlprompt
+from test_cli import ForkedProcess, start_forked_python, vlprompt
 from toy_methods import Plugin as Toys
 from vlprompt_core import hookimpl
 from vlprompt_core.api import BackboneEntry, MethodEntry, MethodOutput, Options, PromptMethod
@@ -229,16 +229,15 @@ main()
 EPOCH_DONE = "-- epoch done --"
 
 
-def cli_run(world, spec_file: Path, progress: bool = False) -> subprocess.Popen:
-    """``vlprompt run spec_file`` in a subprocess; ``progress``: it prints :data:`EPOCH_DONE`
-    at the end of every epoch."""
+def cli_run(world, spec_file: Path, progress: bool = False) -> ForkedProcess:
+    """``vlprompt run spec_file`` in a process of its own (forked, without starting Python
+    again: :func:`test_cli.start_forked_python`); ``progress``: it prints
+    :data:`EPOCH_DONE` at the end of every epoch."""
     code = SCRIPT.format(specs=str(world["specs"]), spec=str(spec_file), progress=progress, marker=EPOCH_DONE)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                            text=True)
+    return start_forked_python(code, dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
 
 
-def kill_during_epoch(proc: subprocess.Popen, epochs: int, rng: random.Random) -> bool:
+def kill_during_epoch(proc: ForkedProcess, epochs: int, rng: random.Random) -> bool:
     """SIGKILL ``proc`` at a random moment of the epoch after its ``epochs``-th (>= 2)
     finished one: a random fraction of the last epoch's time after it ended. Moments are
     set by the run's own progress, whatever the machine's speed; False if the run ended

@@ -16,19 +16,28 @@ from test_cli import finish, start_vlprompt_process, vlprompt
 from vlprompt_core.errors import UserError
 from vlprompt_core.sweep import SweepSpec, expand, set_path
 
-BASE = {
-    "backbone": {"name": "open_clip", "model": "vlprompt_tiny", "pretrained": "embedded"},
-    "method": {"name": "coop"},
-    "dataset": {"name": "embedded_objects"},
-    "protocol": {"name": "few_shot", "shots": 1},
-    "train": {"epochs": 2, "batch_size": 8, "seeds": [1], "crop_scale": [0.8, 1.0]},
-}
+MODEL = "tiny_test"  # the stem of the world's model config file: the report names the model by it
+
+
+def base(world) -> dict:
+    """The run spec every run of the sweeps here starts from: the tiny model of the test
+    world (``tests/conftest.py``) on its 6-class ``toy`` dataset, random crops included
+    (the executors must draw the same augmentations)."""
+    return {
+        "backbone": {"name": "open_clip", "model": str(world["config"]), "pretrained": None},
+        "method": {"name": "coop"},
+        "dataset": {"name": "toy", "root": str(world["data"])},
+        "protocol": {"name": "few_shot", "shots": 1},
+        "train": {"epochs": 2, "batch_size": 4, "seeds": [1], "crop_scale": [0.8, 1.0]},
+    }
+
+
 GRID = {"method": [{"name": "coop", "n_ctx": 4}, {"name": "cocoop", "n_ctx": 4}], "protocol.shots": [1, 2]}
 FOLDERS = ["method-coop_shots-1", "method-coop_shots-2", "method-cocoop_shots-1", "method-cocoop_shots-2"]
 
 
-def write_sweep(folder: Path, output: Path, grid=GRID, **extra) -> Path:
-    (folder / "base.yaml").write_text(yaml.safe_dump(BASE))
+def write_sweep(world, folder: Path, output: Path, grid=GRID, **extra) -> Path:
+    (folder / "base.yaml").write_text(yaml.safe_dump(base(world)))
     sweep = {"base": "base.yaml", "grid": grid, "output": str(output), "resources": {"cpus": 1}, **extra}
     path = folder / "sweep.yaml"
     path.write_text(yaml.safe_dump(sweep, sort_keys=False))
@@ -36,26 +45,27 @@ def write_sweep(folder: Path, output: Path, grid=GRID, **extra) -> Path:
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return {"VLPROMPT_DATA": str(tmp_path_factory.mktemp("data"))}
+def env(world):
+    """What ``vlprompt`` needs to see the test world's datasets (in this process, its
+    worker processes, a subprocess and its Ray workers alike)."""
+    return {"VLPROMPT_DATASETS_SPEC": str(world["specs"])}
 
 
 @pytest.fixture(scope="module")
-def local_and_ray(tmp_path_factory, data_root):
+def local_and_ray(tmp_path_factory, world, env):
     """The same 4-run sweep (2 methods x 2 shot counts, 1 seed) run locally, in two
     local worker processes (``--jobs 2``) and on a local 2-CPU Ray instance, each from a
     sweep file of its own into an output folder of its own (``tmp / "local"``, ...)."""
     tmp = tmp_path_factory.mktemp("sweep")
     for name in ("local", "jobs", "ray"):
         (tmp / f"{name}-spec").mkdir()
-    # first: it generates the embedded dataset, then used by the others at once
-    local = vlprompt("sweep", str(write_sweep(tmp / "local-spec", tmp / "local")), env_extra=data_root)  # + report
-    # Ray in a `vlprompt` process of its own (as users start it), while the parallel sweep runs in this one
-    ray = start_vlprompt_process("sweep", str(write_sweep(tmp / "ray-spec", tmp / "ray")), "--executor", "ray",
-                                 "--ray-cpus", "2", "--no-report", env_extra=data_root)
+    # Ray in a `vlprompt` process of its own (as users start it), while the others run in this one
+    ray = start_vlprompt_process("sweep", str(write_sweep(world, tmp / "ray-spec", tmp / "ray")), "--executor", "ray",
+                                 "--ray-cpus", "2", "--no-report", env_extra=env)
     try:
-        jobs = vlprompt("sweep", str(write_sweep(tmp / "jobs-spec", tmp / "jobs")), "--jobs", "2", "--no-report",
-                        env_extra=data_root)
+        local = vlprompt("sweep", str(write_sweep(world, tmp / "local-spec", tmp / "local")), env_extra=env)  # + report
+        jobs = vlprompt("sweep", str(write_sweep(world, tmp / "jobs-spec", tmp / "jobs")), "--jobs", "2",
+                        "--no-report", env_extra=env)
     finally:
         ray = finish(ray)
     assert jobs.returncode == 0, jobs.stderr
@@ -91,20 +101,20 @@ def test_the_sweep_report_holds_the_numbers_of_its_results_files(local_and_ray):
     tmp, local, _ = local_and_ray
     report = tmp / "local" / "report"
     for shots in (1, 2):
-        with open(report / "tables" / f"few_shot-vlprompt_tiny-{shots}shots.csv") as f:
+        with open(report / "tables" / f"few_shot-{MODEL}-{shots}shots.csv") as f:
             rows = {row["method"]: row for row in csv.DictReader(f)}
         assert set(rows) == {"coop", "cocoop"}
         for name in ("coop", "cocoop"):
             record = json.loads((tmp / "local" / f"method-{name}_shots-{shots}" / "results.json").read_text())
             (run,) = record["runs"]
-            assert float(rows[name]["embedded_objects mean"]) == pytest.approx(run["summary"]["accuracy"])
+            assert float(rows[name]["toy mean"]) == pytest.approx(run["summary"]["accuracy"])
             assert float(rows[name]["average mean"]) == pytest.approx(run["summary"]["accuracy"])  # one dataset
-            assert rows[name]["embedded_objects std"] == ""  # one seed
+            assert rows[name]["toy std"] == ""  # one seed
             assert f"{run['summary']['accuracy']:.2f}" in local.stdout  # printed too
     # accuracy against shots: one panel for the dataset, one for the average, 400 x 350 px each
-    with Image.open(report / "figures" / "few_shot-vlprompt_tiny.png") as png:
+    with Image.open(report / "figures" / f"few_shot-{MODEL}.png") as png:
         assert png.format == "PNG" and png.size == (800, 350)
-    assert (report / "figures" / "few_shot-vlprompt_tiny.svg").is_file()
+    assert (report / "figures" / f"few_shot-{MODEL}.svg").is_file()
     assert (report / "report.md").is_file()
 
 
@@ -116,30 +126,30 @@ def test_the_grid_values_reach_each_run(local_and_ray):
         name, shots = folder.removeprefix("method-").split("_shots-")
         assert [m["name"] for m in spec["method"]] == [name] and spec["method"][0]["n_ctx"] == 4
         assert spec["protocol"]["shots"] == int(shots)
-        assert spec["train"]["batch_size"] == 8  # the rest comes from the base spec
+        assert spec["train"]["batch_size"] == 4  # the rest comes from the base spec
 
 
 @pytest.mark.slow  # three sweeps of 4 runs each: local, in 2 processes, on a local Ray instance
-def test_a_finished_sweep_run_again_skips_every_run(local_and_ray, data_root):
+def test_a_finished_sweep_run_again_skips_every_run(local_and_ray, env):
     tmp, _, _ = local_and_ray
     before = {f: (tmp / "local" / f / "results.json").stat().st_mtime_ns for f in FOLDERS}
-    again = vlprompt("sweep", str(tmp / "local-spec" / "sweep.yaml"), "--no-report", env_extra=data_root)
+    again = vlprompt("sweep", str(tmp / "local-spec" / "sweep.yaml"), "--no-report", env_extra=env)
     assert again.returncode == 0, again.stderr
     assert again.stderr.count("skipped ") == 4 and "4 skipped" in again.stdout
     assert before == {f: (tmp / "local" / f / "results.json").stat().st_mtime_ns for f in FOLDERS}
 
 
-def test_dry_run_lists_the_runs_and_runs_nothing(tmp_path, data_root):
-    proc = vlprompt("sweep", str(write_sweep(tmp_path, tmp_path / "out")), "--dry-run", env_extra=data_root)
+def test_dry_run_lists_the_runs_and_runs_nothing(world, tmp_path, env):
+    proc = vlprompt("sweep", str(write_sweep(world, tmp_path, tmp_path / "out")), "--dry-run", env_extra=env)
     assert proc.returncode == 0, proc.stderr
     assert all(f in proc.stdout for f in FOLDERS) and proc.stdout.count("to run") == 4
     assert not (tmp_path / "out").exists()
 
 
-def test_a_failing_run_is_reported_and_the_others_finish(tmp_path, data_root):
+def test_a_failing_run_is_reported_and_the_others_finish(world, tmp_path, env):
     grid = {"method.n_ctx": [2], "train.lr": [0.002, 1e30]}  # the second diverges: its context explodes
-    proc = vlprompt("sweep", str(write_sweep(tmp_path, tmp_path / "out", grid=grid)), "--no-report",
-                    env_extra=data_root)
+    proc = vlprompt("sweep", str(write_sweep(world, tmp_path, tmp_path / "out", grid=grid)), "--no-report",
+                    env_extra=env)
     assert proc.returncode == 1
     index = json.loads((tmp_path / "out" / "sweep.json").read_text())
     status = {r["folder"]: r["outcome"]["status"] for r in index["runs"]}
@@ -156,8 +166,8 @@ def test_a_failing_run_is_reported_and_the_others_finish(tmp_path, data_root):
     ({"bogus": [1]}, "run bogus-1: bogus: unknown key"),
     ({"protocol.shots": []}, "grid.protocol.shots: needs at least one value"),
 ])
-def test_mistakes_in_a_sweep_are_one_line_each_before_anything_runs(tmp_path, data_root, grid, message):
-    proc = vlprompt("sweep", str(write_sweep(tmp_path, tmp_path / "out", grid=grid)), env_extra=data_root)
+def test_mistakes_in_a_sweep_are_one_line_each_before_anything_runs(world, tmp_path, env, grid, message):
+    proc = vlprompt("sweep", str(write_sweep(world, tmp_path, tmp_path / "out", grid=grid)), env_extra=env)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()
@@ -174,9 +184,8 @@ def test_set_path_walks_mappings_and_lists_and_makes_missing_sections():
         set_path(data, "method.2.n_ctx", 1)
 
 
-def test_folder_names_follow_a_template_and_stay_apart(registry, tmp_path):
-    base = dict(BASE, backbone={"name": "open_clip", "model": "vlprompt_tiny", "pretrained": None})
-    sweep = SweepSpec(spec=base, grid={"protocol.shots": [1, 2], "train.seeds": [[1], [1]]},
+def test_folder_names_follow_a_template_and_stay_apart(world, registry, tmp_path):
+    sweep = SweepSpec(spec=base(world), grid={"protocol.shots": [1, 2], "train.seeds": [[1], [1]]},
                       name="{protocol.shots}shot", output=tmp_path)
     assert [r.folder for r in expand(sweep, registry)] == ["1shot", "1shot_2", "2shot", "2shot_2"]
     sweep.name = "{protocol.epochs}"

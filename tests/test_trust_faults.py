@@ -12,14 +12,13 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 from safetensors import SafetensorError
+from test_cli import ForkedProcess, start_forked_python
 from typer.testing import CliRunner
 
 import vlprompt_core.plugins as plugins
@@ -103,12 +102,11 @@ main()
 """
 
 
-def popen(world, *args: str, cwd=None) -> subprocess.Popen:
-    """``vlprompt ARGS`` in a process of its own that prints :data:`EPOCH_DONE` after every epoch."""
+def popen(world, *args: str, cwd=None) -> ForkedProcess:
+    """``vlprompt ARGS`` in a process of its own (forked, without starting Python again:
+    :func:`test_cli.start_forked_python`) that prints :data:`EPOCH_DONE` after every epoch."""
     code = SCRIPT.format(specs=str(world["specs"]), marker=EPOCH_DONE, args=list(args))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                            text=True, cwd=cwd)
+    return start_forked_python(code, dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"), cwd=cwd)
 
 
 def test_sigterm_stops_a_run_as_ctrl_c_does_with_a_true_record(world, tmp_path):
