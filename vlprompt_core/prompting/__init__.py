@@ -24,7 +24,7 @@
 Image-independent features are cached per evaluation with
 :meth:`vlprompt_core.api.PromptMethod.cached`.
 
-The machinery lives in six modules, all of it importable from here:
+The machinery lives in seven modules, all of it importable from here:
 
 * :mod:`~vlprompt_core.prompting.handcrafted` — hand-written templates
   (:func:`templates_for`, :func:`check_templates`, :data:`TemplateChoice`) and
@@ -32,7 +32,9 @@ The machinery lives in six modules, all of it importable from here:
 * :mod:`~vlprompt_core.prompting.chunking` — the run-wide text-pass chunking setting
   (:func:`text_chunking`, :func:`current_text_chunking`, :func:`rows_per_pass`).
 * :mod:`~vlprompt_core.prompting.learned` — learned prompts (:class:`Context`,
-  :class:`PromptTemplate`, :class:`PromptTable`, :func:`init_context`, :func:`leading_words`).
+  :class:`PromptTemplate`, :func:`init_context`, :func:`leading_words`);
+  :mod:`~vlprompt_core.prompting.table` — a template laid out for a class list and its
+  text pass (:class:`PromptTable`).
 * :mod:`~vlprompt_core.prompting.deep` — deep prompts, shared by MaPLe-like methods.
 * :mod:`~vlprompt_core.prompting.sharding` — the text pass sharded over classes across the
   processes of a distributed run (:func:`shard_classes`, :func:`sharded_over_classes`).
@@ -65,15 +67,8 @@ from .handcrafted import (
 from .sharding import current_class_sharding, shard_classes, sharded_over_classes
 from .fitted_names import names_of, names_tensor, rows_by_name
 from .deep import append_prompts, deep_prompts, prompt_depth, replace_slots, text_prompt_hook, vision_prompt_hook
-from .learned import (
-    CLASS_NAME,
-    Context,
-    PromptTable,
-    PromptTemplate,
-    init_context,
-    leading_words,
-    leading_words_problem,
-)
+from .learned import CLASS_NAME, Context, PromptTemplate, init_context, leading_words, leading_words_problem
+from .table import PromptTable
 
 __all__ = [
     "ACTIVATION_VECTORS_PER_TOKEN",
