@@ -132,8 +132,9 @@ class Classifier:
     def text_features(self, class_names: Iterable[str] | None = None) -> torch.Tensor:
         """L2-normalised class text features ``[C, D]`` (fp32) of ``class_names`` (default:
         :attr:`classes`): an image's class scores are ``logit_scale * normalize(image
-        feature) @ text_features.T``. Only for methods whose text features depend on
-        neither the image nor chance (zero-shot, CoOp, ...); others raise :class:`UserError`."""
+        feature) @ text_features.T``. Only for methods that score so, with text features
+        that depend on neither the image nor chance (zero-shot, CoOp, ...); others (CoCoOp,
+        BPL, CLIP-LoRA, the linear probe, ...) raise :class:`UserError`."""
         current = self._classes
         if class_names is not None:
             self.set_classes(class_names)
@@ -145,8 +146,10 @@ class Classifier:
             if self._classes is not current:
                 self._apply(current)
         if features is None:
-            raise UserError(f"{self.about['label']} ({self.about['method']}): its class text features depend on the "
-                            "image or are drawn at random, so it has no fixed text features; use predict")
+            raise UserError(f"{self.about['label']} ({self.about['method']}): its scores are not the frozen image "
+                            "features against one fixed text feature per class (they depend on the image, on chance, "
+                            "or on weights of its own in the towers or on the image features), so it has no text "
+                            "features to give; use predict")
         return F.normalize(features.detach().float(), dim=-1)
 
     # ------------------------------------------------------------------ device
