@@ -234,6 +234,33 @@ def test_validate_refuses_a_fixed_class_method_under_base2novel_in_one_line(worl
                                   "it never saw: prototypes score only the classes they were fitted on"]
 
 
+def test_validate_refuses_a_fixed_class_method_a_target_with_classes_it_cannot_fit(world, registry):
+    """Trained on toy5 (5 colours), scored on toy (the same 5 and one more): refused before
+    anything runs; a target whose classes are among the trained-on ones passes."""
+    from vlprompt_core.spec import check_spec, validate_spec
+    from vlprompt_core.testing.worlds import COLOURS
+
+    sixth = list(COLOURS)[5]
+    protocol = {"name": "cross_dataset", "shots": 2, "targets": [{"name": "toy", "root": str(world["data"])}]}
+    data = spec_data(world, [{"name": "zeroshot"}, {"name": "prototypes"}], protocol)
+    data["dataset"] = {"name": "toy5", "root": str(world["data"])}
+    with pytest.raises(UserError) as exc:
+        check_spec(validate_spec(data, registry), registry)
+    assert exc.value.problems == [
+        f"spec: method 'prototypes' (prototypes) cannot score protocol.targets[0] (toy): 1 of its 6 classes are not "
+        f"among toy5's ({sixth!r}); prototypes score only the classes they were fitted on"]
+    data["method"] = "all"
+    notes: list[str] = []
+    spec = validate_spec(data, registry, notes=notes)
+    assert "prototypes" not in [m.name for m in spec.method] and "zeroshot" in [m.name for m in spec.method]
+    assert (f"method: all leaves out prototypes under cross_dataset: protocol.targets[0] (toy): 1 of its 6 classes "
+            f"are not among toy5's ({sixth!r}); prototypes score only the classes they were fitted on") in notes
+    data["dataset"], protocol["targets"] = protocol["targets"][0], [{"name": "toy5", "root": str(world["data"])}]
+    notes.clear()
+    spec = validate_spec(data, registry, notes=notes)  # toy5's classes are among toy's: nothing left out
+    assert "prototypes" in [m.name for m in spec.method] and notes == []
+
+
 def test_a_target_with_other_classes_fails_that_pair_alone(world, registry, tmp_path):
     from vlprompt_core.engine import Engine
     from vlprompt_core.spec import check_spec, validate_spec

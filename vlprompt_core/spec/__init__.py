@@ -24,7 +24,8 @@ defined in :mod:`vlprompt_core.settings` and imported from here too.
 from __future__ import annotations
 
 from ..settings import TrainOverride, TrainSpec
-from .checks import check_spec, dataset_sections, folder_problem, method_labels, resolve_methods, spec_hash
+from .checks import check_spec, folder_problem, method_labels, resolve_methods, spec_hash
+from .classes import dataset_sections, unscored_classes
 from .load import (
     MAX_SPEC_BYTES,
     MAX_SPEC_DEPTH,
@@ -45,6 +46,7 @@ __all__ = [
     "build_spec_model",
     "check_spec",
     "dataset_sections",
+    "unscored_classes",
     "error_message",
     "folder_problem",
     "load_spec",

@@ -8,16 +8,14 @@ import hashlib
 import json
 import os
 import re
-import typing
 from pathlib import Path
-from typing import Any
 
-from ..api import DatasetRef
 from ..api.entries import wrapped_fields
 from ..datacheck import prompt_problems
 from ..errors import UserError
 from ..plugins import Registry
 from ..recipes import backbone_info, resolve_method
+from .classes import dataset_sections, unscored_classes
 from .load import _os_problem
 from .model import fixed_classes
 
@@ -29,17 +27,6 @@ def spec_hash(spec) -> str:
     specs hash as they did before ``loggers`` existed."""
     dumped = spec.model_dump(mode="json", exclude={"output", "loggers"})
     return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def dataset_sections(spec, reg: Registry) -> list[tuple[str, Any]]:
-    """``(path, section)`` of every dataset section in ``spec``: the trained-on
-    dataset and each protocol option typed ``list[DatasetRef]`` (transfer targets)."""
-    out = [("dataset", spec.dataset)]
-    options = reg.get("protocol", spec.protocol.name).options
-    for fname, field in options.model_fields.items():
-        if typing.get_args(field.annotation) == (DatasetRef,):
-            out += [(f"protocol.{fname}[{i}]", s) for i, s in enumerate(getattr(spec.protocol, fname))]
-    return out
 
 
 def check_spec(spec, reg: Registry, source: str = "spec") -> None:
@@ -63,10 +50,14 @@ def check_spec(spec, reg: Registry, source: str = "spec") -> None:
     try:
         methods = resolve_methods(spec, reg, info)
         problems += [f"{source}: {p}" for p in capability_problems(methods, reg, spec.backbone.name, info)]
+        fixed = [(m, why) for m in methods
+                 if (why := fixed_classes(reg.get("method", m.name), m.used if m.used is not None else m.options))]
         if reg.get("protocol", spec.protocol.name).unseen_classes:
             problems += [f"{source}: method {m.label!r} ({m.name}) cannot run {spec.protocol.name}, which scores "
-                         f"classes it never saw: {why}" for m in methods
-                         if (why := fixed_classes(reg.get("method", m.name), m.used if m.used is not None else m.options))]
+                         f"classes it never saw: {why}" for m, why in fixed]
+        elif fixed:
+            problems += [f"{source}: method {m.label!r} ({m.name}) cannot score {target}; {why}"
+                         for target in unscored_classes(spec, reg) for m, why in fixed]
     except UserError as exc:
         problems += [f"{source}: {p}" for p in exc.problems]
     if not problems:  # prompts against the text context, once the backbone and datasets check out

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from ..errors import UserError
 from ..plugins import Registry
 from ..yamlload import load as load_yaml, yaml_problem
+from .classes import unscored_classes
 from .model import all_methods, build_spec_model, fixed_classes
 
 
@@ -82,10 +83,13 @@ def validate_spec(data: Any, reg: Registry, source: str = "spec", notes: list[st
     too_large = _size_problem(data)
     if too_large:
         raise UserError(f"{source}: {too_large}")
-    data = _expand_all(data, reg, notes if notes is not None else [])
+    notes = notes if notes is not None else []
+    every = data.get("method") == "all"
+    data = _expand_all(data, reg, notes)
     model = build_spec_model(reg)
     try:
-        return model.model_validate(data)
+        spec = model.model_validate(data)
+        return _scorable(spec, reg, notes) if every else spec
     except ValidationError as exc:
         raise UserError(*[f"{source}: {_loc(e, data)}: {error_message(e)}" for e in exc.errors()]) from None
     except OSError as exc:  # a validator looked at a path the system refuses (name too long, ...)
@@ -113,6 +117,23 @@ def _expand_all(data: dict, reg: Registry, notes: list[str]) -> dict:
         else:
             keep.append({"name": method})
     return {**data, "method": keep}
+
+
+def _scorable(spec, reg: Registry, notes: list[str]):
+    """``method: all`` under a transfer protocol whose targets hold classes the trained-on
+    dataset does not (:func:`~.classes.unscored_classes`): the methods that score only the
+    classes they were fitted on are left out, each said in ``notes``."""
+    unscored = unscored_classes(spec, reg)
+    if not unscored:
+        return spec
+    keep = []
+    for section in spec.method:
+        why = fixed_classes(reg.get("method", section.name), section)
+        if why:
+            notes.append(f"method: all leaves out {section.name} under {spec.protocol.name}: {unscored[0]}; {why}")
+        else:
+            keep.append(section)
+    return spec.model_copy(update={"method": keep})
 
 
 def _os_problem(exc: OSError) -> str:
