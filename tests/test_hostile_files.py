@@ -134,6 +134,46 @@ def test_a_missing_file_is_reported_too(tmp_path):
     assert result == Unreadable(str(tmp_path / "gone.png"), "image file not found")
 
 
+@pytest.mark.parametrize("share", [None, (0, 1), (0, 2), (1, 2)])
+def test_a_training_batch_left_empty_by_skipped_images_is_refused_only_where_other_processes_step(share, tmp_path):
+    """Under ``skip`` a batch with no readable image is left out of training, but a process
+    of a run over several cannot leave out a step the others take (their gradients are
+    summed with its own): that is one line naming the files, never a hang."""
+    from vlprompt_core.api import Item
+
+    good = tmp_path / "good.png"
+    _noise().save(good)
+    bad = [_make(name, tmp_path) for name in ("empty.png", "text.png")]
+    tf = make_test_transform(8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    items = [Item(bad[0], 0), Item(bad[1], 1), Item(good, 0)]
+    for seed in range(8):  # shuffled batches: either order
+        loader = ImageLoader(items[:2], tf, batch_size=2, shuffle=True, seed=seed, on_unreadable="skip", share=share)
+        if share is not None and share[1] > 1:
+            with pytest.raises(UserError) as exc:
+                list(loader)
+            [line] = exc.value.problems
+            assert f"every image of process {share[0]}'s share of a training batch is unreadable (" in line
+            assert str(bad[0]) in line or str(bad[1]) in line
+            assert "run over 2 processes" in line and "\n" not in line
+        else:
+            assert list(loader) == []  # one process: the batch is left out, the images counted
+            assert len(loader.unreadable) == 2
+        mixed = ImageLoader([items[0], items[2]], tf, batch_size=2, shuffle=True, seed=seed, on_unreadable="skip",
+                            share=share)
+        if share is None or share[1] == 1:
+            assert [labels.tolist() for _, labels in mixed] == [[0]]
+        else:  # one process's share is the readable image, the other's the unreadable one
+            refused = ImageLoader([items[0], items[2]], tf, batch_size=2, shuffle=True, seed=seed,
+                                  on_unreadable="skip", share=(1 - share[0], 2))
+            outcomes = []
+            for one in (mixed, refused):
+                try:
+                    outcomes.append(len(list(one)))
+                except UserError:
+                    outcomes.append("refused")
+            assert sorted(outcomes, key=str) == [1, "refused"]
+
+
 @pytest.mark.parametrize("name", list(MAKERS))
 @pytest.mark.parametrize("policy", ["error", "skip"])
 def test_image_loader_reads_skips_or_stops_on_each_file(name, policy, tmp_path):

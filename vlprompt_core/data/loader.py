@@ -110,6 +110,7 @@ class ImageLoader:
         if on_unreadable not in UNREADABLE_POLICIES:
             raise ValueError(f"on_unreadable must be one of {UNREADABLE_POLICIES}, not {on_unreadable!r}")
         self.on_unreadable = on_unreadable
+        self.share = share
         self.unreadable = unreadable if unreadable is not None else UnreadableImages()
         generator = torch.Generator().manual_seed(seed)
         self.batches = ShuffledBatches(len(items), batch_size, generator, share) if shuffle else None
@@ -135,5 +136,13 @@ class ImageLoader:
                 )
             for image in bad:
                 self.unreadable.add(image)
+            if images is None and self.share is not None and self.share[1] > 1:
+                # the other processes take this step (their gradients are summed with this one's): this
+                # process cannot leave it out alone, and has no image to take it with
+                raise UserError(
+                    f"every image of process {self.share[0]}'s share of a training batch is unreadable "
+                    f"({', '.join(str(b.path) for b in bad[:3])}{', ...' if len(bad) > 3 else ''}): in a run over "
+                    f"{self.share[1]} processes each takes part in every step; replace or remove the files, "
+                    "or run in one process (which leaves such a batch out)")
             if images is not None:
                 yield images, labels
