@@ -127,6 +127,118 @@ def test_broken_methods_fail_the_contract(pytester):
     assert "test_the_backbone_is_out_of_the_methods_reach" in failed("TestHoldsBackbone")
 
 
+LOGGERS = '''
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vlprompt_core import hookimpl
+from vlprompt_core.api import LoggerEntry, Options
+from vlprompt_core.testing import LoggerContract
+
+
+class Opts(Options):
+    folder: str = "log"
+
+
+def _mine(spec, name):
+    return any(section["name"] == name for section in spec["loggers"])
+
+
+class Loggers:
+    """Loggers, each writing into a folder of its own: one sound; one that meddles (it
+    reseeds the random generators and changes what it is given: the engine hands it
+    copies and restores the generators, so it passes); one whose epoch hook raises; one
+    that makes float64 torch's default dtype for the run (the method's context is then
+    made in float64); one that removes results.md when the run ends."""
+
+    enabled: set = set()
+
+    @hookimpl
+    def vlprompt_loggers(self):
+        return [LoggerEntry(n, Opts, "") for n in ("sound", "meddles", "raises", "dtype", "removes")]
+
+    @hookimpl
+    def vlprompt_run_start(self, spec, output_dir):
+        self.enabled = {s["name"] for s in spec["loggers"]}
+        for name in self.enabled:
+            (Path(output_dir) / name).mkdir(exist_ok=True)
+            (Path(output_dir) / name / "log.txt").write_text("start\\n")
+        if "meddles" in self.enabled:
+            spec["train"]["epochs"] = 99
+        if "dtype" in self.enabled:
+            torch.set_default_dtype(torch.float64)
+
+    @hookimpl
+    def vlprompt_epoch_end(self, method, seed, epoch, metrics, output_dir):
+        if "meddles" in self.enabled:
+            torch.manual_seed(epoch)
+            np.random.seed(epoch)
+            random.seed(epoch)
+            metrics["loss"] = 0.0
+        if "raises" in self.enabled:
+            raise RuntimeError("no disk for my curves")
+
+    @hookimpl
+    def vlprompt_evaluation_done(self, method, seed, results, output_dir):
+        if "meddles" in self.enabled:
+            results["accuracy"] = {name: 100.0 for name in results["accuracy"]}
+
+    @hookimpl
+    def vlprompt_run_end(self, results, output_dir):
+        torch.set_default_dtype(torch.float32)
+        if "removes" in self.enabled:
+            (Path(output_dir) / "results.md").unlink()
+
+
+class TestSound(LoggerContract):
+    logger = "sound"
+    plugin = Loggers()
+
+
+class TestRaises(LoggerContract):
+    logger = "raises"
+    plugin = Loggers()
+
+
+class TestMeddles(LoggerContract):
+    logger = "meddles"
+    plugin = Loggers()
+
+
+class TestDtype(LoggerContract):
+    logger = "dtype"
+    plugin = Loggers()
+
+
+class TestRemoves(LoggerContract):
+    logger = "removes"
+    plugin = Loggers()
+'''
+
+
+@pytest.mark.slow  # the logger battery's runs, for five toy loggers
+def test_broken_loggers_fail_the_logger_contract(pytester):
+    pytester.makepyfile(test_loggers=textwrap.dedent(LOGGERS))
+    result = pytester.runpytest("-q", "-p", "no:cacheprovider", "-W", "ignore")
+    failed: dict[str, set[str]] = {}
+    for report in result.reprec.getreports("pytest_runtest_logreport"):
+        cls, test = report.nodeid.split("::")[1:3]
+        failed.setdefault(cls, set())
+        if report.outcome == "failed":
+            failed[cls].add(test)
+    assert failed == {
+        "TestSound": set(),
+        "TestMeddles": set(),
+        "TestRaises": {"test_none_of_its_hooks_raised"},
+        # its pair fails (float64 context, float32 tower), so its checkpoint is missing too
+        "TestDtype": {"test_enabling_it_changes_no_result", "test_it_writes_beside_the_run_and_leaves_the_runs_files_alone"},
+        "TestRemoves": {"test_it_writes_beside_the_run_and_leaves_the_runs_files_alone"},
+    }
+
+
 # ------------------------------------------------- the backbone is not the method's
 
 

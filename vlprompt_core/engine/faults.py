@@ -22,6 +22,8 @@ which (:func:`interruption`).
 from __future__ import annotations
 
 import contextlib
+import copy
+import random
 import signal
 import threading
 import time
@@ -30,6 +32,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+import numpy as np
+import torch
 
 from ..errors import UserError
 from ..plugins import Registry
@@ -110,14 +115,22 @@ def plugin_call(registry: Registry, output: Path, kind: str, name: str, what: st
 
 def notify(registry: Registry, log: Callable[[str], None], hook: str, **kwargs) -> None:
     """Call every implementation of a lifecycle ``hook``; one that raises is reported
-    (naming its plug-in and distribution) and the run goes on."""
-    for impl in getattr(registry.hook, hook).get_hookimpls():
-        try:
-            impl.function(**{k: kwargs[k] for k in impl.argnames})
-        except Exception as exc:  # noqa: BLE001 - a logger must never stop a run
-            source = registry.plugins.get(impl.plugin_name)
-            origin = f"{source.distribution} {source.version}" if source else "?"
-            log(f"warning: plug-in {impl.plugin_name} ({origin}) failed in {hook}: {type(exc).__name__}: {exc}")
+    (naming its plug-in and distribution) and the run goes on. Each gets a copy of the
+    arguments, and the random generators the run draws from (Python's, NumPy's, torch's)
+    are as it found them when it returns: a logger can change no result."""
+    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    try:
+        for impl in getattr(registry.hook, hook).get_hookimpls():
+            try:
+                impl.function(**copy.deepcopy({k: kwargs[k] for k in impl.argnames}))
+            except Exception as exc:  # noqa: BLE001 - a logger must never stop a run
+                source = registry.plugins.get(impl.plugin_name)
+                origin = f"{source.distribution} {source.version}" if source else "?"
+                log(f"warning: plug-in {impl.plugin_name} ({origin}) failed in {hook}: {type(exc).__name__}: {exc}")
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
 
 
 class Terminated(KeyboardInterrupt):

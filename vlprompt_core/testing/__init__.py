@@ -1,7 +1,8 @@
 """Testing helpers for vlprompt and its plug-ins (import in tests only; needs pytest).
 
 * :class:`MethodContract` — the test battery every method plug-in runs (see
-  :mod:`vlprompt_core.testing.contract`).
+  :mod:`vlprompt_core.testing.contract`); :class:`LoggerContract` — every logger
+  plug-in's (:mod:`vlprompt_core.testing.logger_contract`).
 * :func:`make_world`, :func:`tiny_backbone`, :func:`write_tiny_config`,
   :func:`write_split_dataset` — a tiny random open_clip model and generated
   datasets in the benchmarks' layout, for tests that need no downloads;
@@ -12,6 +13,7 @@
 
 from .contract import Case, MethodContract
 from .frozen import SyntheticFrozenData, synthetic_frozen_data
+from .logger_contract import LoggerContract
 from .worlds import (
     TINY_CONFIG,
     frozen_features,
@@ -22,5 +24,5 @@ from .worlds import (
     write_tiny_config,
 )
 
-__all__ = ["Case", "MethodContract", "TINY_CONFIG", "frozen_features", "make_world", "random_images",
+__all__ = ["Case", "LoggerContract", "MethodContract", "TINY_CONFIG", "frozen_features", "make_world", "random_images",
            "tiny_backbone", "write_split_dataset", "write_tiny_config", "SyntheticFrozenData", "synthetic_frozen_data"]

@@ -20,8 +20,16 @@ from vlprompt_core.cli import app  # noqa: E402
 from vlprompt_core.engine import Engine  # noqa: E402
 from vlprompt_core.plugins import build_registry, make_plugin_manager  # noqa: E402
 from vlprompt_core.spec import load_spec, resolve_methods, spec_hash, validate_spec  # noqa: E402
+from vlprompt_core.testing import LoggerContract  # noqa: E402
 
 FLOAT32 = 1e-6  # relative: event files store float32
+
+
+class TestTensorBoardContract(LoggerContract):
+    """The battery every logger runs (vlprompt_core.testing.LoggerContract)."""
+
+    logger = "tensorboard"
+    options = {"log_dir": "tb", "flush_secs": 5}
 
 
 def spec_data(output: Path, **extra) -> dict:
