@@ -308,6 +308,10 @@ def test_the_run_table_is_printed_whole_in_a_log(world, tmp_path):
         assert re.search(r"\d+\.\d s .* [\d,]+ MB", row), table
     assert len([line for line in table.splitlines() if "±" in line and "mean ± std" not in line]) == 2, table
     assert max(len(line) for line in table.splitlines()) > 80  # not squeezed into 80 columns
+    settings = proc.stderr.split("settings: spec > method recipe (*) > defaults", 1)[1]
+    for label in labels:  # each method's settings on one line too
+        (line,) = [line for line in settings.splitlines() if line.startswith(label)]
+        assert "epochs" in line and "options: " in line, settings
 
 
 def test_bad_spec_gives_one_line_per_problem_and_exit_2(world, tmp_path):

@@ -57,7 +57,7 @@ def _execute(spec: Path, output: Path | None, checkpoints_from: Path | None = No
                 engine = Engine(run_spec, reg, reporter, log=lambda m: err.print(Text(m), soft_wrap=True),
                                 strategy=strategy)
                 if strategy.is_main:
-                    err.print(settings_table(engine.methods))
+                    _print_whole(err, settings_table(engine.methods))
                     _print_settled(err, engine.methods)
                 record = engine.run(checkpoints_from=checkpoints_from)
     except OtherProcessStopped:
@@ -180,7 +180,7 @@ def validate(spec: Path = typer.Argument(..., help="run spec (YAML)")):
         methods = resolve_methods(run_spec, reg)
     except UserError as exc:
         _fail(exc)
-    out.print(settings_table(methods))
+    _print_whole(out, settings_table(methods))
     _print_settled(out, methods)
     out.print(Text(f"{spec}: ok"), soft_wrap=True)
 
