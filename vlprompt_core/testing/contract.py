@@ -60,7 +60,7 @@ from ..api import BackboneInfo, Batch, ClassSet, PromptMethod
 from ..errors import UserError
 from .contract_runs import EngineRuns
 from .frozen import synthetic_frozen_data
-from .worlds import COLOURS, make_world
+from .worlds import COLOURS, registered_world
 
 
 @dataclass
@@ -122,9 +122,7 @@ class MethodContract(EngineRuns):
     @pytest.fixture(scope="class")
     @classmethod
     def contract_world(cls, tmp_path_factory):
-        world = make_world(tmp_path_factory.mktemp("contract"))
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("VLPROMPT_DATASETS_SPEC", str(world["specs"]))
+        with registered_world(tmp_path_factory.mktemp("contract")) as world:
             yield world
 
     @pytest.fixture(scope="class")

@@ -36,7 +36,7 @@ from pydantic import ValidationError
 
 from .. import hookimpl
 from ..api import MethodEntry, MethodOutput, Options, PromptMethod
-from .worlds import make_world
+from .worlds import registered_world
 
 #: The files of a run that a logger must leave as the run without it has them (their
 #: content compared where it holds results).
@@ -90,9 +90,7 @@ class LoggerContract:
     @pytest.fixture(scope="class")
     @classmethod
     def logger_world(cls, tmp_path_factory):
-        world = make_world(tmp_path_factory.mktemp("logger-contract"))
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("VLPROMPT_DATASETS_SPEC", str(world["specs"]))
+        with registered_world(tmp_path_factory.mktemp("logger-contract")) as world:
             yield world
 
     @pytest.fixture(scope="class")

@@ -9,7 +9,9 @@ the benchmarks' split-file layout plus its ``datasets_spec`` file.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +87,18 @@ def make_world(root: Path) -> dict[str, Path]:
     write_split_dataset(root / "data", "toy_shift", seed=1)
     write_split_dataset(root / "data", "toy5", seed=2, n_classes=5)
     return {"root": root, "config": config, "specs": specs, "data": root / "data"}
+
+
+@contextlib.contextmanager
+def registered_world(root: Path) -> Iterator[dict[str, Path]]:
+    """:func:`make_world` in ``root``, its datasets registered (``$VLPROMPT_DATASETS_SPEC``)
+    while the block runs: the contract batteries' world."""
+    import pytest
+
+    world = make_world(root)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLPROMPT_DATASETS_SPEC", str(world["specs"]))
+        yield world
 
 
 def random_images(backbone, n: int, seed: int = 0):
