@@ -5,7 +5,6 @@ frozen weights and the hook-less paths stay bit-identical."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import pytest
@@ -16,7 +15,7 @@ from hypothesis import strategies as st
 from vlprompt_core.api import ContractError, ProjectionHook, ProjectionSite
 from vlprompt_core.errors import UserError
 from vlprompt_core.prompting import PromptTable, PromptTemplate, text_chunking
-from vlprompt_core.testing import random_images
+from vlprompt_core.testing import edited_backbone, random_images
 
 NAMES = ["red", "apple pie", "blue whale shark", "x"]
 PROJECTIONS = ("q", "k", "v", "out")
@@ -80,21 +79,6 @@ def delta_hook(changes) -> ProjectionHook:
     return hook
 
 
-def edited_copy(bb, changes):
-    """A copy of the backbone whose projection weights are ``W + D`` (the reference)."""
-    other = copy.deepcopy(bb)
-    towers_ = {"text": other.text.transformer, "image": other.visual.transformer}
-    with torch.no_grad():
-        for site, d in changes.items():
-            attn = towers_[site.tower].resblocks[site.layer].attn
-            if site.projection == "out":
-                attn.out_proj.weight += d
-            else:
-                i = "qkv".index(site.projection)
-                attn.in_proj_weight[i * d.shape[0]:(i + 1) * d.shape[0]] += d
-    return other
-
-
 def test_the_capability_and_the_site():
     site = ProjectionSite("text", 3, "v")
     assert (site.tower, site.layer, site.projection) == ("text", 3, "v")
@@ -150,7 +134,7 @@ def test_a_hook_does_what_edited_weights_do(bb, tower, projection):
     depth = bb.text_depth if tower == "text" else bb.vision_depth
     changes = deltas(bb, {ProjectionSite(tower, layer, projection) for layer in range(depth)})
     with torch.no_grad():
-        want = towers(edited_copy(bb, changes))
+        want = towers(edited_backbone(bb, changes))
         plain = towers(bb)
         with bb.adapted(delta_hook(changes)):
             got = towers(bb)
@@ -167,7 +151,7 @@ def test_a_hook_does_what_edited_weights_do(bb, tower, projection):
 def test_any_set_of_sites_does_what_edited_weights_do(bb, sites, seed):
     changes = deltas(bb, {ProjectionSite(*s) for s in sites}, seed=seed)
     with torch.no_grad():
-        want = towers(edited_copy(bb, changes))
+        want = towers(edited_backbone(bb, changes))
         with bb.adapted(delta_hook(changes)):
             got = towers(bb)
     for name in want:

@@ -77,6 +77,27 @@ def tiny_backbone(folder: Path, seed: int = 0):
     return build_open_clip(OpenClipOptions(model=str(config), pretrained=None))
 
 
+def edited_backbone(backbone, changes: dict):
+    """A copy of an open_clip ``backbone`` whose attention projection weights are ``W + D``
+    for each ``{ProjectionSite: D}`` in ``changes``: the reference an adapter of the
+    projections (``backbone.adapted``, e.g. LoRA merged into the weights) is compared with."""
+    import copy
+
+    import torch
+
+    other = copy.deepcopy(backbone)
+    towers = {"text": other.text.transformer, "image": other.visual.transformer}
+    with torch.no_grad():
+        for site, d in changes.items():
+            attn = towers[site.tower].resblocks[site.layer].attn
+            if site.projection == "out":
+                attn.out_proj.weight += d
+            else:
+                i = "qkv".index(site.projection)
+                attn.in_proj_weight[i * d.shape[0]:(i + 1) * d.shape[0]] += d
+    return other
+
+
 def make_world(root: Path) -> dict[str, Path]:
     """A tiny model config, a 6-class dataset ``toy``, a shifted copy ``toy_shift``
     and a 5-class ``toy5`` (base and novel halves of different sizes); their spec

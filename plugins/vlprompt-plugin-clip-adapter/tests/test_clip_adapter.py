@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from vlprompt_core.api import IMAGE_FEATURES, TEXT_FEATURES, BackboneInfo, Batch, ClassSet
 from vlprompt_core.errors import UserError
-from vlprompt_core.testing import Case, MethodContract, write_tiny_config
+from vlprompt_core.testing import Case, MethodContract, tiny_backbone
 from vlprompt_plugin_clip_adapter import (
     RECIPE,
     Adapter,
@@ -32,11 +32,7 @@ PET = "a photo of a {}, a type of pet."
 
 @pytest.fixture(scope="module")
 def bb(tmp_path_factory):
-    from vlprompt_core.builtin.open_clip_backbone import OpenClipOptions, build_open_clip
-
-    torch.manual_seed(0)
-    return build_open_clip(OpenClipOptions(model=str(write_tiny_config(tmp_path_factory.mktemp("ca"))),
-                                           pretrained=None))
+    return tiny_backbone(tmp_path_factory.mktemp("ca"))
 
 
 def build(bb, dataset_templates=(PET,), names=NAMES, **opts) -> ClipAdapter:

@@ -4,7 +4,6 @@ presets), novel classes, the iteration budget of the recipe, and the method cont
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 
@@ -14,7 +13,7 @@ import torch.nn.functional as F
 
 from vlprompt_core.api import BackboneInfo, Batch, ClassSet, ProjectionSite
 from vlprompt_core.errors import UserError
-from vlprompt_core.testing import Case, MethodContract, random_images, write_tiny_config
+from vlprompt_core.testing import Case, MethodContract, edited_backbone, random_images, tiny_backbone
 from vlprompt_plugin_clip_lora import (
     RECIPE,
     CLIPLoRA,
@@ -30,11 +29,7 @@ PROMPT = "a photo of a {}."
 
 @pytest.fixture(scope="module")
 def bb(tmp_path_factory):
-    from vlprompt_core.builtin.open_clip_backbone import OpenClipOptions, build_open_clip
-
-    torch.manual_seed(0)
-    return build_open_clip(OpenClipOptions(model=str(write_tiny_config(tmp_path_factory.mktemp("lora"))),
-                                           pretrained=None))
+    return tiny_backbone(tmp_path_factory.mktemp("lora"))
 
 
 def build(bb, names=NAMES, **opts) -> CLIPLoRA:
@@ -53,18 +48,9 @@ def randomise(m: CLIPLoRA, seed: int = 1, std: float = 0.2) -> None:
 
 def merged_backbone(m: CLIPLoRA):
     """A copy of the backbone whose projection weights are ``W + s * B A`` (the update merged)."""
-    other = copy.deepcopy(m.backbone)
-    towers = {"text": other.text.transformer, "image": other.visual.transformer}
     with torch.no_grad():
-        for site, name in m.sites.items():
-            delta = m.scaling * m.lora_B[name] @ m.lora_A[name]
-            attn = towers[site.tower].resblocks[site.layer].attn
-            if site.projection == "out":
-                attn.out_proj.weight += delta
-            else:
-                i = "qkv".index(site.projection)
-                attn.in_proj_weight[i * delta.shape[0]:(i + 1) * delta.shape[0]] += delta
-    return other
+        deltas = {site: m.scaling * m.lora_B[name] @ m.lora_A[name] for site, name in m.sites.items()}
+    return edited_backbone(m.backbone, deltas)
 
 
 def by_hand(merged, images, names=NAMES, prompt=PROMPT, scale=None):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from vlprompt_core.api import BackboneInfo, Batch, ClassSet
 from vlprompt_core.plugins import build_registry, make_plugin_manager
-from vlprompt_core.testing import Case, MethodContract, write_tiny_config
+from vlprompt_core.testing import Case, MethodContract, tiny_backbone
 from vlprompt_plugin_dept import RECIPE, DePT
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,11 +22,7 @@ LABELS = torch.tensor([0, 2, 1, 3, 2])
 
 @pytest.fixture(scope="module")
 def bb(tmp_path_factory):
-    from vlprompt_core.builtin.open_clip_backbone import OpenClipOptions, build_open_clip
-
-    torch.manual_seed(0)
-    return build_open_clip(OpenClipOptions(model=str(write_tiny_config(tmp_path_factory.mktemp("dept"))),
-                                           pretrained=None))
+    return tiny_backbone(tmp_path_factory.mktemp("dept"))
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from vlprompt_core.api import Batch, ClassSet
-from vlprompt_core.testing import Case, MethodContract, write_tiny_config
+from vlprompt_core.testing import Case, MethodContract, tiny_backbone
 from vlprompt_plugin_kgcoop import RECIPE, KgCoOp, KgCoOpOptions, knowledge_distance
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,11 +21,7 @@ PET = "a photo of a {}, a type of pet."
 
 @pytest.fixture(scope="module")
 def bb(tmp_path_factory):
-    from vlprompt_core.builtin.open_clip_backbone import OpenClipOptions, build_open_clip
-
-    torch.manual_seed(0)
-    return build_open_clip(OpenClipOptions(model=str(write_tiny_config(tmp_path_factory.mktemp("kg"))),
-                                           pretrained=None))
+    return tiny_backbone(tmp_path_factory.mktemp("kg"))
 
 
 def build(bb, dataset_templates=(PET,), **opts) -> KgCoOp:

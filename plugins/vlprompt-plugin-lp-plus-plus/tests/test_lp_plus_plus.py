@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from vlprompt_core.api import Batch, ClassSet, FrozenFeatures
 from vlprompt_core.errors import UserError
-from vlprompt_core.testing import Case, MethodContract, synthetic_frozen_data, write_tiny_config
+from vlprompt_core.testing import Case, MethodContract, synthetic_frozen_data, tiny_backbone
 from vlprompt_plugin_lp_plus_plus import (
     RECIPE,
     LPPlusPlus,
@@ -36,11 +36,7 @@ NAMES = ["red", "green", "apple pie"]
 
 @pytest.fixture(scope="module")
 def bb(tmp_path_factory):
-    from vlprompt_core.builtin.open_clip_backbone import OpenClipOptions, build_open_clip
-
-    torch.manual_seed(0)
-    return build_open_clip(OpenClipOptions(model=str(write_tiny_config(tmp_path_factory.mktemp("lpp"))),
-                                           pretrained=None))
+    return tiny_backbone(tmp_path_factory.mktemp("lpp"))
 
 
 def unit(x):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from vlprompt_core.api import Batch, ClassSet
 from vlprompt_core.errors import UserError
-from vlprompt_core.testing import Case, MethodContract, write_tiny_config
+from vlprompt_core.testing import Case, MethodContract, tiny_backbone
 from vlprompt_plugin_prograd import RECIPE, ProGrad, ProGradOptions, distillation_loss, project_conflict
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,11 +23,7 @@ NAMES = ["red", "green", "apple pie", "blue"]
 
 @pytest.fixture(scope="module")
 def bb(tmp_path_factory):
-    from vlprompt_core.builtin.open_clip_backbone import OpenClipOptions, build_open_clip
-
-    torch.manual_seed(0)
-    return build_open_clip(OpenClipOptions(model=str(write_tiny_config(tmp_path_factory.mktemp("pg"))),
-                                           pretrained=None))
+    return tiny_backbone(tmp_path_factory.mktemp("pg"))
 
 
 def build(bb, template="a photo of a {}.", **opts) -> ProGrad:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from vlprompt_core.api import Batch, ClassSet, FrozenData, FrozenFeatures
-from vlprompt_core.testing import Case, MethodContract, synthetic_frozen_data, write_tiny_config
+from vlprompt_core.testing import Case, MethodContract, synthetic_frozen_data, tiny_backbone
 from vlprompt_plugin_tip_adapter import (
     TIP_F_RECIPE,
     TIP_RECIPE,
@@ -132,11 +132,7 @@ def test_values_and_columns_by_name():
 # ------------------------------------------------------------------ the method
 @pytest.fixture(scope="module")
 def bb(tmp_path_factory):
-    from vlprompt_core.builtin.open_clip_backbone import OpenClipOptions, build_open_clip
-
-    torch.manual_seed(0)
-    return build_open_clip(OpenClipOptions(model=str(write_tiny_config(tmp_path_factory.mktemp("tip"))),
-                                           pretrained=None))
+    return tiny_backbone(tmp_path_factory.mktemp("tip"))
 
 
 def classes(names=NAMES):
