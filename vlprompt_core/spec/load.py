@@ -15,7 +15,7 @@ from ..errors import UserError
 from ..plugins import Registry
 from ..yamlload import load as load_yaml, yaml_problem
 from .classes import unscored_classes
-from .model import all_methods, build_spec_model, fixed_classes
+from .model import build_spec_model, fixed_classes
 
 
 def _loc(error: dict, raw: Any) -> str:
@@ -83,54 +83,38 @@ def validate_spec(data: Any, reg: Registry, source: str = "spec", notes: list[st
     too_large = _size_problem(data)
     if too_large:
         raise UserError(f"{source}: {too_large}")
-    notes = notes if notes is not None else []
-    every = data.get("method") == "all"
-    data = _expand_all(data, reg, notes)
     model = build_spec_model(reg)
     try:
         spec = model.model_validate(data)
-        return _scorable(spec, reg, notes) if every else spec
+        if data.get("method") == "all":
+            spec = _leave_out_unscorable(spec, reg, notes if notes is not None else [])
+        return spec
     except ValidationError as exc:
         raise UserError(*[f"{source}: {_loc(e, data)}: {error_message(e)}" for e in exc.errors()]) from None
     except OSError as exc:  # a validator looked at a path the system refuses (name too long, ...)
         raise UserError(f"{source}: {_os_problem(exc)}") from None
 
 
-def _expand_all(data: dict, reg: Registry, notes: list[str]) -> dict:
-    """``method: all`` under a protocol that scores unseen classes (base-to-novel): every
-    method but those that score only the classes they were fitted on, each left out
-    said in ``notes``."""
-    protocol = data.get("protocol")
-    name = protocol.get("name") if isinstance(protocol, dict) else None
-    entry = reg.entries.get("protocol", {}).get(name) if isinstance(name, str) else None
-    if data.get("method") != "all" or entry is None or not entry.unseen_classes:
-        return data
-    keep = []
-    for method in all_methods(reg):
-        method_entry = reg.get("method", method)
-        try:
-            why = fixed_classes(method_entry, method_entry.options())
-        except Exception:  # options without defaults, a fault of the plug-in: validation says it later
-            why = None
-        if why:
-            notes.append(f"method: all leaves out {method} under {name}: {why}")
-        else:
-            keep.append({"name": method})
-    return {**data, "method": keep}
-
-
-def _scorable(spec, reg: Registry, notes: list[str]):
-    """``method: all`` under a transfer protocol whose targets hold classes the trained-on
-    dataset does not (:func:`~.classes.unscored_classes`): the methods that score only the
-    classes they were fitted on are left out, each said in ``notes``."""
-    unscored = unscored_classes(spec, reg)
-    if not unscored:
+def _leave_out_unscorable(spec, reg: Registry, notes: list[str]):
+    """``method: all`` without the methods that score only the classes they were fitted on,
+    where the run scores others: under a protocol of unseen classes (base-to-novel), and
+    under a transfer protocol whose targets hold classes the trained-on dataset does not
+    (:func:`~.classes.unscored_classes`). Each one left out is said in ``notes``."""
+    fixed = {id(s): why for s in spec.method if (why := fixed_classes(reg.get("method", s.name), s))}
+    if not fixed:
         return spec
+    protocol = spec.protocol.name
+    if reg.get("protocol", protocol).unseen_classes:
+        where = ""
+    else:
+        unscored = unscored_classes(spec, reg)
+        if not unscored:
+            return spec
+        where = f"{unscored[0]}; "
     keep = []
     for section in spec.method:
-        why = fixed_classes(reg.get("method", section.name), section)
-        if why:
-            notes.append(f"method: all leaves out {section.name} under {spec.protocol.name}: {unscored[0]}; {why}")
+        if id(section) in fixed:
+            notes.append(f"method: all leaves out {section.name} under {protocol}: {where}{fixed[id(section)]}")
         else:
             keep.append(section)
     return spec.model_copy(update={"method": keep})
