@@ -425,3 +425,21 @@ def test_vlprompt_run_nproc_launches_torchrun(world, tmp_path, capfd):
     record = json.loads((tmp_path / "out" / "results.json").read_text())
     assert record["status"] == "complete" and record["processes"] == 2
     assert not list((tmp_path / "out" / "checkpoints").glob("*.state.safetensors"))
+
+
+def test_vlprompt_run_nproc_refuses_batches_too_small_to_share_before_launching(world, tmp_path):
+    from test_cli import vlprompt
+
+    spec_file = tmp_path / "spec.yaml"
+    data = spec(world, tmp_path / "out", [{"name": "coop", "n_ctx": 2}], epochs=1)
+    spec_file.write_text(yaml.safe_dump(data))
+    batch = data["train"]["batch_size"]
+    done = vlprompt("run", str(spec_file), "--nproc", str(batch + 1),
+                    env_extra={"VLPROMPT_DATASETS_SPEC": str(world["specs"])})
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: --nproc {batch + 1}: a batch of {batch} image(s) cannot be shared by {batch + 1} "
+                      f"processes (each needs at least one); use a batch size of at least {batch + 1}, or fewer "
+                      "processes"]
+    assert not (tmp_path / "out").exists()  # nothing launched
+

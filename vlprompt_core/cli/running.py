@@ -119,6 +119,7 @@ def _launch(spec: Path, output: Path | None, nproc: int) -> None:
     import sys
 
     from ..engine.distributed import launched
+    from ..engine.strategy import batch_share_problem
 
     try:
         if launched():
@@ -126,11 +127,11 @@ def _launch(spec: Path, output: Path | None, nproc: int) -> None:
         reg, run_spec = _prepare(spec, output)  # a wrong spec is told once, before any process starts
         from ..spec import resolve_methods
 
-        small = sorted({m.train.batch_size for m in resolve_methods(run_spec, reg)
-                        if m.train.epochs > 0 and m.train.batch_size < nproc and reg.get("method", m.name).trains})
-        if small:
-            raise UserError(f"--nproc {nproc}: a batch of {small[0]} image(s) (train.batch_size) cannot be shared by "
-                            f"{nproc} processes (each needs at least one); use fewer processes or larger batches")
+        sizes = [m.train.batch_size for m in resolve_methods(run_spec, reg)
+                 if m.train.epochs > 0 and reg.get("method", m.name).trains]
+        problem = batch_share_problem(min(sizes), nproc) if sizes else None
+        if problem:
+            raise UserError(f"--nproc {nproc}: {problem}")
     except UserError as exc:
         _fail(exc)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",

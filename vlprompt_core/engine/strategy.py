@@ -35,6 +35,15 @@ class OtherProcessStopped(UserError):
     before it began (the folder in use...): the main process has said why."""
 
 
+def batch_share_problem(smallest: int, processes: int) -> str | None:
+    """Why batches of ``smallest`` images cannot be shared by ``processes`` (each needs at
+    least one image of every batch), or None."""
+    if processes > 1 and smallest < processes:
+        return (f"a batch of {smallest} image(s) cannot be shared by {processes} processes (each needs at least one); "
+                f"use a batch size of at least {processes}, or fewer processes")
+    return None
+
+
 class Strategy:
     """The run in one process: nothing is shared, nothing is split."""
 
@@ -77,10 +86,9 @@ class Strategy:
 
     def check_batches(self, smallest: int) -> None:
         """Every process needs at least one image of every batch (``smallest`` images)."""
-        if self.world_size > 1 and smallest < self.world_size:
-            raise UserError(f"train.batch_size: a batch of {smallest} image(s) cannot be shared by {self.world_size} "
-                            f"processes (each needs at least one); use a batch size of at least {self.world_size}, "
-                            "or fewer processes")
+        problem = batch_share_problem(smallest, self.world_size)
+        if problem:
+            raise UserError(f"train.batch_size: {problem}")
 
     # ---------------------------------------------------------------- a training step
     def global_loss(self, loss: torch.Tensor, images: int) -> StepLoss:
